@@ -1,0 +1,93 @@
+"""Streaming calibration statistics of one linear layer (method page, section 1).
+
+For tokens t with inputs x_t (n) and output gradients g_t (m):
+  H_X = sum_t x_t x_t^T,  G = sum_t g_t x_t^T,
+  H_I = sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2,  H_O = sum_t |x_t|^2 g_t g_t^T / sum_t |x_t|^2.
+Sums are accumulated in float32 and never stored per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss"]
+
+
+@dataclasses.dataclass
+class LayerStatistics:
+    tokens: int
+    h_x: torch.Tensor  # [n, n]
+    h_x_by_modality: dict[str, torch.Tensor]
+    gradient: torch.Tensor | None = None  # G [m, n]
+    h_i_sum: torch.Tensor | None = None  # sum_t |g_t|^2 x_t x_t^T
+    h_o_sum: torch.Tensor | None = None  # sum_t |x_t|^2 g_t g_t^T (full [m, m] or its diagonal [m])
+    grad_sq_total: float = 0.0
+    input_sq_total: float = 0.0
+
+    @property
+    def h_i(self) -> torch.Tensor | None:
+        if self.h_i_sum is None or self.grad_sq_total <= 0.0:
+            return None
+        return self.h_i_sum / self.grad_sq_total
+
+    @property
+    def h_o(self) -> torch.Tensor | None:
+        if self.h_o_sum is None or self.input_sq_total <= 0.0:
+            return None
+        return self.h_o_sum / self.input_sq_total
+
+
+def new_statistics(n: int, m: int, *, gradients: bool, full_output_hessian: bool) -> LayerStatistics:
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32)  # noqa: E731
+    stats = LayerStatistics(tokens=0, h_x=zeros(n, n), h_x_by_modality={})
+    if gradients:
+        stats.gradient = zeros(m, n)
+        stats.h_i_sum = zeros(n, n)
+        stats.h_o_sum = zeros(m, m) if full_output_hessian else zeros(m)
+    return stats
+
+
+def accumulate(
+    stats: LayerStatistics,
+    x: torch.Tensor,
+    g: torch.Tensor | None = None,
+    token_modality: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Add tokens ``x`` [T, n] (and their output gradients ``g`` [T, m]) to ``stats``.
+
+    ``token_modality`` maps a modality to a boolean mask [T] of its tokens (for H_X per modality).
+    """
+    x = x.detach().to(torch.float32)
+    stats.tokens += x.shape[0]
+    stats.h_x += x.T @ x
+    for modality, mask in (token_modality or {}).items():
+        xm = x[mask]
+        if modality not in stats.h_x_by_modality:
+            stats.h_x_by_modality[modality] = torch.zeros_like(stats.h_x)
+        stats.h_x_by_modality[modality] += xm.T @ xm
+    if g is None or stats.gradient is None:
+        return
+    g = g.detach().to(torch.float32)
+    g_sq = (g * g).sum(dim=1)
+    x_sq = (x * x).sum(dim=1)
+    stats.gradient += g.T @ x
+    stats.h_i_sum += (x * g_sq[:, None]).T @ x
+    if stats.h_o_sum.dim() == 2:
+        stats.h_o_sum += (g * x_sq[:, None]).T @ g
+    else:
+        stats.h_o_sum += (g * g * x_sq[:, None]).sum(dim=0)
+    stats.grad_sq_total += float(g_sq.sum())
+    stats.input_sq_total += float(x_sq.sum())
+
+
+def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative second-order proxy loss tr(D H D^T) / tr(W H W^T), D = Q - W (float64)."""
+    w = weight.to(torch.float64)
+    h = hessian.to(torch.float64)
+    delta = quantized.to(torch.float64) - w
+    denominator = float(((w @ h) * w).sum())
+    if denominator <= 0.0:
+        return float("nan")
+    return float(((delta @ h) * delta).sum()) / denominator

@@ -1,0 +1,96 @@
+"""The ``mgvq-compile`` command line: builds a recipe and calls the same ``compile()`` as Python users."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mgvq_compile import __version__
+from mgvq_compile.errors import MgvqError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mgvq_compile.api import DEFAULT_METHOD
+    from mgvq_compile.recipes import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="mgvq-compile",
+        description="Quantize an ONNX model to ~2 bits per weight with vector quantization.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="an .onnx file (external data next to it is read)")
+    parser.add_argument("-o", "--output", metavar="OUTDIR", help="output directory (must not exist, see --overwrite)")
+    parser.add_argument("--bits", type=float, default=2.0, help="bits per weight (default 2)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(METHODS)} (default {DEFAULT_METHOD})")
+    parser.add_argument("--calib", metavar="PATH", help="calibration directory of .npz feeds")
+    parser.add_argument("--labels", choices=("data", "model"), default="data",
+                        help="labels for gradient statistics: from the .npz files (default) or the model's own argmax")
+    parser.add_argument("--logits", default="logits", metavar="NAME", help="graph output for the calibration loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", metavar="FILE", help="a YAML/JSON recipe that replaces the method's built-in one")
+    parser.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE (alone: without -o, only that)")
+    parser.add_argument("--form", choices=("decomposed", "custom"), default="decomposed",
+                        help="decomposed: standard ops any ORT runs (default); custom: mgvq.VQGemm nodes")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    parser.add_argument("--work-dir", metavar="DIR", help="where resumable artifacts are kept (default ~/.cache/mgvq-compile)")
+    parser.add_argument("--no-resume", action="store_true", help="recompute everything, store nothing")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _summary(report: dict) -> str:
+    s = report["summary"]
+    bpw = s["bits_per_weight"]
+    return (
+        f"quantized {s['quantized_layers']}/{s['layers']} layers, {s['quantized_weights']:,} weights at "
+        f"{bpw:.3f} bits/weight ({s['index_bits_per_weight']:.3f} in indices); files: "
+        + ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in s["files"].items())
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from mgvq_compile.api import compile as compile_model
+    from mgvq_compile.recipes import builtin_recipe, load_recipe
+
+    try:
+        if args.output is None and not args.save_recipe:
+            raise MgvqError("no output directory given", "pass -o OUTDIR (or --save-recipe FILE to only write the recipe)")
+        recipe = load_recipe(args.recipe) if args.recipe else None
+        if args.save_recipe and recipe is None:
+            recipe = builtin_recipe(args.method, bits=args.bits, calibrated=args.calib is not None, form=args.form)
+        if args.save_recipe:
+            Path(args.save_recipe).write_text(recipe.to_yaml())
+            print(f"recipe written to {args.save_recipe}")
+            if args.output is None:
+                return 0
+        result = compile_model(
+            args.model, method=args.method, bits=args.bits, calib=args.calib, output=args.output,
+            seed=args.seed, recipe=recipe, labels=args.labels, logits_name=args.logits, form=args.form,
+            overwrite=args.overwrite, work_dir=args.work_dir, resume=not args.no_resume,
+            progress=False if args.quiet else None,
+        )
+    except MgvqError as exc:
+        if args.verbose:
+            logging.exception("compile failed")
+        print(f"mgvq-compile: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mgvq-compile: interrupted; stored artifacts let the next run resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"wrote {result.output}: {_summary(result.report)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

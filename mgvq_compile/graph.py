@@ -1,0 +1,219 @@
+"""IR helpers: loading ONNX files, finding quantizable layers, tagging their modality, fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mgvq_compile.errors import InputError
+
+__all__ = [
+    "LinearLayer",
+    "load_onnx",
+    "opset_of",
+    "find_linear_layers",
+    "input_modalities",
+    "tag_modalities",
+    "model_fingerprint",
+    "weight_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+_VISION_INPUTS = re.compile(r"pixel|image|vision|video", re.IGNORECASE)
+_AUDIO_INPUTS = re.compile(r"input_features|audio|mel|speech|wav", re.IGNORECASE)
+_DEFAULT_SKIP = (r"(^|[./_])lm_head([./_]|$)", r"embed_tokens", r"(^|[./_])wte([./_]|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayer:
+    """A MatMul/Gemm whose weight is a 2-D float initializer: y = x W^T with W of shape m x n."""
+
+    graph: str
+    node: str
+    weight: str  # initializer name
+    op_type: str  # "MatMul" or "Gemm"
+    weight_is_transposed: bool  # True when the initializer holds W (m x n), False when it holds W^T
+    out_features: int
+    in_features: int
+    activation: str  # name of the value that carries x
+
+    @property
+    def key(self) -> str:
+        return self.weight if self.graph == "model" else f"{self.graph}:{self.weight}"
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    """Load an ONNX file (external data next to it is read lazily) with errors that say what to fix."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file not found: {path}", "check the path; MODEL must be an .onnx file")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an ONNX file", "pass the .onnx file inside it")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for corrupt files
+        raise InputError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})",
+            "re-export the model; the file may be truncated or not an ONNX protobuf",
+        ) from exc
+    if not proto.graph.node:
+        raise InputError(f"{path} holds no graph nodes", "re-export the model; the file looks empty or corrupt")
+    missing = _missing_external_files(proto, path.parent)
+    if missing:
+        raise InputError(
+            f"{path} refers to external data files that are missing: {', '.join(sorted(missing))}",
+            "keep the weights file(s) next to the .onnx file, as exported",
+        )
+    model = ir.serde.deserialize_model(proto)
+    _set_base_dir(model, path.parent)
+    return model
+
+
+def _missing_external_files(proto: onnx.ModelProto, base: Path) -> set[str]:
+    missing = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location and not (base / location).exists():
+                missing.add(location)
+    return missing
+
+
+def _set_base_dir(model: ir.Model, base: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base)
+
+
+def opset_of(model: ir.Model, domain: str = "") -> int:
+    return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))
+
+
+def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.Value | None:
+    if value is not None and value.is_initializer() and value.const_value is not None:
+        return value
+    return None
+
+
+def find_linear_layers(
+    model: ir.Model, graph_name: str = "model", *, skip: Iterable[str] = _DEFAULT_SKIP
+) -> list[LinearLayer]:
+    """Every MatMul/Gemm with a 2-D float initializer weight, in graph order, minus skipped names.
+
+    Embeddings and the LM head are skipped by default (method page, section 7), as is any weight
+    that also feeds another node (a tied embedding) and any MatMul whose output is a graph output.
+    """
+    skip_patterns = [re.compile(p) for p in skip]
+    graph = model.graph
+    layers = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) < 2:
+            continue
+        weight = _initializer(graph, node.inputs[1])
+        if weight is None or weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            continue
+        shape = tuple(weight.const_value.shape)
+        if len(shape) != 2 or any(p.search(weight.name) for p in skip_patterns):
+            continue
+        if len(weight.uses()) != 1 or node.outputs[0].is_graph_output():
+            continue
+        transposed = False
+        if node.op_type == "Gemm":
+            attrs = node.attributes
+            if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+                continue
+            if len(node.inputs) > 2 and node.inputs[2] is not None and attrs.get_float("beta", 1.0) != 1.0:
+                continue
+            transposed = bool(attrs.get_int("transB", 0))
+        m, n = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
+        layers.append(
+            LinearLayer(graph_name, node.name or "", weight.name, node.op_type, transposed, m, n, node.inputs[0].name)
+        )
+    return layers
+
+
+def weight_matrix(model: ir.Model, layer: LinearLayer) -> np.ndarray:
+    """W (float32, m x n) of a layer, whatever the layout of its initializer."""
+    array = model.graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
+    return array if layer.weight_is_transposed else np.ascontiguousarray(array.T)
+
+
+def input_modalities(model: ir.Model) -> dict[str, str]:
+    """Modality of each graph input: 'vision', 'audio' or 'text' (integer token inputs)."""
+    result = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        name = value.name or ""
+        if _VISION_INPUTS.search(name):
+            result[name] = "vision"
+        elif _AUDIO_INPUTS.search(name):
+            result[name] = "audio"
+        elif value.dtype in (ir.DataType.INT64, ir.DataType.INT32) and "ids" in name:
+            result[name] = "text"
+    return result
+
+
+def _value_graph(model: ir.Model) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        outs = [o.name for o in node.outputs if o is not None]
+        for value in node.inputs:
+            if value is not None:
+                for out in outs:
+                    dag.add_edge(value.name, out)
+    return dag
+
+
+def tag_modalities(model: ir.Model, layers: list[LinearLayer]) -> dict[str, str]:
+    """Modality of each layer's activations by graph reachability from the inputs.
+
+    A layer whose input is reachable from token inputs is 'text' (the language model, even where image
+    features were merged into its sequence); otherwise it takes the modality of the (vision or audio)
+    inputs that reach it, or 'other' when none does.
+    """
+    dag = _value_graph(model)
+    reach: dict[str, set[str]] = {}
+    for name, modality in input_modalities(model).items():
+        if name in dag:
+            reach.setdefault(modality, set()).update(nx.descendants(dag, name) | {name})
+    tags = {}
+    for layer in layers:
+        reached = {mod for mod, values in reach.items() if layer.activation in values}
+        if "text" in reached:
+            tags[layer.key] = "text"
+        elif reached:
+            tags[layer.key] = sorted(reached)[0]
+        else:
+            tags[layer.key] = "other"
+    return tags
+
+
+def model_fingerprint(models: Mapping[str, ir.Model]) -> str:
+    """A content hash of graphs and weights, so the same model (from any source) maps to one work dir."""
+    digest = hashlib.sha256()
+    for graph_name in sorted(models):
+        model = models[graph_name]
+        digest.update(graph_name.encode())
+        digest.update(repr(sorted(model.opset_imports.items())).encode())
+        for node in model.graph:
+            digest.update(f"{node.domain}:{node.op_type}:{[v.name if v else '' for v in node.inputs]}".encode())
+            digest.update(f"{[o.name for o in node.outputs]}:{sorted((k, str(a.value)) for k, a in node.attributes.items())}".encode())
+        for name in sorted(model.graph.initializers):
+            tensor = model.graph.initializers[name].const_value
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.tobytes())
+    return digest.hexdigest()[:16]

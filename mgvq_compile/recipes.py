@@ -1,0 +1,112 @@
+"""Recipes: a versioned list of pass configs, as YAML/JSON, and the built-in recipe of each method."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mgvq_compile.errors import RecipeError
+from mgvq_compile.pipeline.base import Pass, pass_class
+
+__all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe", "recipe_from_dict"]
+
+RECIPE_VERSION = 1
+
+# Methods with a built-in recipe, and whether they need calibration data.
+METHODS = {"rtn": False, "kmeans-vq": False}
+PLANNED_METHODS = ("mgvq", "gptq", "gptvq", "vlmq", "mgvq-no-alloc", "mgvq-no-grad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    method: str
+    passes: tuple[Pass, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mgvq_recipe": RECIPE_VERSION,
+            "method": self.method,
+            "passes": [p.describe() for p in self.passes],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(p.needs_calibration for p in self.passes)
+
+
+def _make(name: str, **options: Any) -> Pass:
+    cls = pass_class(name)
+    return cls(cls.config_class.from_dict(options, pass_name=name))
+
+
+def _integer_bits(method: str, bits: float) -> int:
+    if float(bits) != int(bits):
+        raise RecipeError(
+            f"method {method!r} takes a whole number of bits per weight, got {bits}",
+            "pass an integer --bits (fractional budgets come with mixed-precision methods)",
+        )
+    return int(bits)
+
+
+def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "decomposed") -> Recipe:
+    """The recipe a method name stands for. With calibration data, statistics are collected
+    (activations only: these methods use them for the report's proxy loss, not for rounding)."""
+    if method in PLANNED_METHODS:
+        raise RecipeError(
+            f"method {method!r} is not implemented in this version",
+            f"available methods: {', '.join(METHODS)}",
+        )
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r}", f"available methods: {', '.join(METHODS)}")
+    passes = []
+    if calibrated:
+        passes.append(_make("collect-stats", gradients=False))
+    b = _integer_bits(method, bits)
+    if method == "rtn":
+        passes.append(_make("quantize-rtn", bits=b))
+    else:
+        passes.append(_make("quantize-kmeans-vq", bits=b))
+    passes.append(_make("fuse-vq-gemm", form=form))
+    return Recipe(method, tuple(passes))
+
+
+def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict) or "passes" not in data:
+        raise RecipeError(f"{source} is not a recipe", "a recipe is a mapping with 'mgvq_recipe', 'method' and 'passes'")
+    version = data.get("mgvq_recipe", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise RecipeError(f"{source} has recipe version {version}; this compiler reads version {RECIPE_VERSION}")
+    passes = []
+    for index, entry in enumerate(data["passes"]):
+        if not isinstance(entry, dict) or "pass" not in entry:
+            raise RecipeError(f"{source}: step {index + 1} has no 'pass' name")
+        options = dict(entry)
+        name = options.pop("pass")
+        cls = pass_class(name)
+        wanted = options.pop("version", cls.config_class.VERSION)
+        if wanted != cls.config_class.VERSION:
+            raise RecipeError(
+                f"{source}: pass {name!r} is at config version {cls.config_class.VERSION}, the recipe asks for {wanted}",
+                "re-save the recipe with this compiler (--save-recipe)",
+            )
+        passes.append(cls(cls.config_class.from_dict(options, pass_name=name)))
+    return Recipe(str(data.get("method", "custom")), tuple(passes))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", "pass a YAML or JSON recipe (see --save-recipe)")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"recipe {path} cannot be parsed: {exc}") from exc
+    return recipe_from_dict(data, source=str(path))

@@ -1,0 +1,17 @@
+"""Built-in passes of mgvq-compile, one per module (installed as ``mgvq_compile.passes``)."""
+
+from mgvq_compile.passes.collect_stats import CollectStats, CollectStatsConfig
+from mgvq_compile.passes.fuse_vq_gemm import FuseVQGemm, FuseVQGemmConfig
+from mgvq_compile.passes.quantize_kmeans_vq import QuantizeKMeansVQ, QuantizeKMeansVQConfig
+from mgvq_compile.passes.quantize_rtn import QuantizeRTN, QuantizeRTNConfig
+
+__all__ = [
+    "CollectStats",
+    "CollectStatsConfig",
+    "FuseVQGemm",
+    "FuseVQGemmConfig",
+    "QuantizeKMeansVQ",
+    "QuantizeKMeansVQConfig",
+    "QuantizeRTN",
+    "QuantizeRTNConfig",
+]

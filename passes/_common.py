@@ -1,0 +1,50 @@
+"""Glue shared by the quantizer passes: per-layer checkpointing and error metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from mgvq_compile.graph import LinearLayer, weight_matrix
+from mgvq_compile.pipeline.context import CompileContext
+from mgvq_compile.pipeline.manager import save_atomic_torch
+from mgvq_compile.vqgemm import VQWeight
+
+__all__ = ["quantize_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_layers(
+    ctx: CompileContext,
+    desc: str,
+    quantize: Callable[[np.ndarray, LinearLayer], VQWeight | None],
+) -> tuple[dict[str, VQWeight], dict[str, dict]]:
+    """Apply ``quantize`` to every layer's W (float32 m x n), with per-layer resume and metrics.
+
+    ``quantize`` returns None for a layer it cannot handle; that layer stays dense and is reported.
+    """
+    quantized: dict[str, VQWeight] = {}
+    metrics: dict[str, dict] = {}
+    for layer in ctx.progress(ctx.layers, desc=desc):
+        checkpoint = ctx.checkpoint_path(layer)
+        if checkpoint is not None and checkpoint.exists():
+            result, metric = torch.load(checkpoint, weights_only=False)
+        else:
+            weight = weight_matrix(ctx.models[layer.graph], layer)
+            result = quantize(weight, layer)
+            metric = {"skipped": result is None}
+            if result is not None:
+                error = result.dequantize() - weight
+                metric["relative_weight_error"] = float(np.linalg.norm(error) / max(np.linalg.norm(weight), 1e-30))
+            if checkpoint is not None:
+                save_atomic_torch((result, metric), checkpoint)
+        metrics[layer.key] = metric
+        if result is not None:
+            quantized[layer.key] = result
+        else:
+            logger.warning("layer %s (%dx%d) left dense: %s", layer.key, layer.out_features, layer.in_features, desc)
+    return quantized, metrics

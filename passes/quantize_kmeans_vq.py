@@ -1,0 +1,68 @@
+"""QuantizeKMeansVQ: plain k-means vector quantization, uniform bits, one codebook per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mgvq_compile.algorithms.kmeans import assign_nearest, kmeans
+from mgvq_compile.errors import RecipeError
+from mgvq_compile.graph import LinearLayer
+from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
+from mgvq_compile.passes._common import quantize_layers
+from mgvq_compile.vqgemm import VQGroup, VQWeight
+
+__all__ = ["QuantizeKMeansVQConfig", "QuantizeKMeansVQ"]
+
+MAX_CODE_BITS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeKMeansVQConfig(PassConfig):
+    VERSION = 1
+    bits: int = 2  # bits per weight: each vector of d weights takes a (bits*d)-bit code
+    vector_dim: int = 4
+    iterations: int = 25
+    init_sample: int = 16384
+    fit_sample: int = 262144
+
+    def __post_init__(self) -> None:
+        if self.vector_dim < 1:
+            raise RecipeError(f"kmeans-vq vector_dim must be positive, got {self.vector_dim}")
+        allowed = [b for b in range(1, 9) if b * self.vector_dim <= MAX_CODE_BITS]
+        if self.bits not in allowed:
+            raise RecipeError(
+                f"kmeans-vq with d={self.vector_dim} supports {', '.join(map(str, allowed))} bits per weight, "
+                f"got {self.bits}",
+                f"pass --bits {' or '.join(map(str, allowed))} (codes are bits*d <= {MAX_CODE_BITS} wide)",
+            )
+
+
+@register_pass
+class QuantizeKMeansVQ(Pass):
+    name = "quantize-kmeans-vq"
+    config_class = QuantizeKMeansVQConfig
+    provides = ("quantized", "quant_metrics")
+
+    def run(self, ctx) -> PassResult:
+        cfg = self.config
+        d, k = cfg.vector_dim, 1 << (cfg.bits * cfg.vector_dim)
+
+        def quantize(weight: np.ndarray, layer: LinearLayer) -> VQWeight | None:
+            m, n = weight.shape
+            if n % d:
+                return None
+            vectors = torch.from_numpy(weight.reshape(-1, d))
+            centroids = kmeans(
+                vectors, k, iterations=cfg.iterations, seed=ctx.layer_seed(layer),
+                init_sample=cfg.init_sample, fit_sample=cfg.fit_sample,
+            )
+            codebook = centroids.numpy().astype(np.float16)
+            codes = assign_nearest(vectors.to(torch.float64), torch.from_numpy(codebook.astype(np.float64)))
+            group = VQGroup(0, n, cfg.bits, codebook, codes.numpy().reshape(m, n // d))
+            return VQWeight(m, n, d, (group,))
+
+        quantized, metrics = quantize_layers(ctx, f"k-means VQ {cfg.bits}-bit d={d}", quantize)
+        return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})
