@@ -1,0 +1,175 @@
+"""The command line on ONNX files built elsewhere (onnx.helper): outputs, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import mgvq_compile
+from mgvq_compile.cli import main
+from mgvq_compile.vqgemm import decode_from_stored
+from onnx_builders import save_mlp
+
+
+@pytest.fixture()
+def mlp(tmp_path) -> Path:
+    return save_mlp(tmp_path / "mlp.onnx", hidden=128, inputs=64)
+
+
+def run_cli(*args: str) -> int:
+    return main([*map(str, args), "-q"])
+
+
+def files_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.startswith("model.onnx")}
+
+
+def dense_reference(original: Path, out: Path) -> onnx.ModelProto:
+    """The original model with each quantized weight replaced by its decoded (dequantized) value."""
+    report = json.loads((out / "report.json").read_text())
+    compiled = onnx.load(str(out / "model.onnx"))
+    arrays = {t.name: numpy_helper.to_array(t) for t in compiled.graph.initializer}
+    reference = onnx.load(str(original))
+    for layer in report["layers"]:
+        if not layer["quantized"]:
+            continue
+        prefix = layer["name"] + ".vq."
+        attrs = {
+            "out_features": layer["shape"][0], "in_features": layer["shape"][1], "vector_dim": layer["vector_dim"],
+            "group_bounds": layer["group_bounds"], "group_bits": layer["bits"], "scale_group_size": layer["scale_group_size"] or 0,
+        }
+        w = decode_from_stored(attrs, arrays[prefix + "codebooks"], arrays[prefix + "codes"], arrays.get(prefix + "perm"), arrays.get(prefix + "scales"))
+        for init in reference.graph.initializer:
+            if init.name == layer["name"]:
+                transposed = layer["op_type"] == "Gemm"  # the test MLP's Gemm has transB=1
+                init.CopyFrom(numpy_helper.from_array(w if transposed else w.T.copy(), init.name))
+    return reference
+
+
+@pytest.mark.parametrize("method", ["rtn", "kmeans-vq"])
+def test_compiles_foreign_onnx_without_calibration(tmp_path, mlp, method):
+    out = tmp_path / "out"
+    assert run_cli(mlp, "--method", method, "--bits", "2", "-o", out, "--work-dir", tmp_path / "work") == 0
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "recipe.yaml", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["quantized_layers"] == 3
+    # bits per weight are the bytes in the file
+    sizes = {}
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if ext else len(t.raw_data)
+    stored = sum(v for k, v in sizes.items() if ".vq." in k and k.rsplit(".", 1)[-1] in ("codebooks", "codes", "perm", "scales"))
+    assert report["summary"]["stored_bytes"] == stored
+    assert report["summary"]["bits_per_weight"] == pytest.approx(stored * 8 / report["summary"]["quantized_weights"])
+    x = np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})
+    reference = dense_reference(mlp, out)
+    (y_ref,) = ort.InferenceSession(reference.SerializeToString()).run(None, {"x": x})
+    assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 1e-5
+    (y_fp,) = ort.InferenceSession(str(mlp)).run(None, {"x": x})
+    assert not np.allclose(y, y_fp)  # it really was quantized
+
+
+def test_same_recipe_and_seed_give_identical_bytes(tmp_path, mlp):
+    for name in ("a", "b"):
+        assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / name, "--seed", "3", "--no-resume") == 0
+    assert files_bytes(tmp_path / "a") == files_bytes(tmp_path / "b")
+    assert (tmp_path / "a" / "recipe.yaml").read_text() == (tmp_path / "b" / "recipe.yaml").read_text()
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "c", "--seed", "4", "--no-resume") == 0
+    assert files_bytes(tmp_path / "a") != files_bytes(tmp_path / "c")
+
+
+def test_saved_recipe_reproduces_the_run(tmp_path, mlp):
+    recipe = tmp_path / "r.yaml"
+    assert run_cli(mlp, "--method", "rtn", "--bits", "3", "--save-recipe", recipe) == 0
+    assert run_cli(mlp, "--recipe", recipe, "-o", tmp_path / "a", "--no-resume") == 0
+    assert run_cli(mlp, "--method", "rtn", "--bits", "3", "-o", tmp_path / "b", "--no-resume") == 0
+    assert files_bytes(tmp_path / "a") == files_bytes(tmp_path / "b")
+
+
+def test_killed_run_resumes_and_ends_with_the_same_bytes(tmp_path, mlp, monkeypatch):
+    import mgvq_compile.passes.quantize_kmeans_vq as kvq
+
+    work = tmp_path / "work"
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "clean", "--no-resume") == 0
+    real_kmeans = kvq.kmeans
+    calls = []
+
+    def dying_kmeans(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while quantizing the second layer
+        return real_kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(kvq, "kmeans", dying_kmeans)
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "out", "--work-dir", work) == 130
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written output
+    calls.clear()
+    monkeypatch.setattr(kvq, "kmeans", lambda *a, **k: (calls.append(1), real_kmeans(*a, **k))[1])
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "out", "--work-dir", work) == 0
+    assert len(calls) == 2  # the first layer came from its checkpoint
+    assert files_bytes(tmp_path / "out") == files_bytes(tmp_path / "clean")
+    calls.clear()
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "again", "--work-dir", work) == 0
+    assert calls == []  # the whole pass was resumed
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert "quantize-kmeans-vq" in report["resumed_passes"]
+    assert files_bytes(tmp_path / "again") == files_bytes(tmp_path / "clean")
+
+
+def test_missing_model_file(tmp_path, capsys):
+    assert run_cli(tmp_path / "nope.onnx", "-o", tmp_path / "out") == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_model_file(tmp_path, mlp, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(mlp.read_bytes()[: 200] + b"\xff\xfe garbage")
+    assert run_cli(bad, "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "not a readable ONNX model" in err and "hint" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,bits,message", [("kmeans-vq", "5", "supports 1, 2, 3, 4"), ("rtn", "9", "1 to 8"), ("rtn", "2.5", "whole number"), ("nope", "2", "unknown method")])
+def test_bits_or_method_out_of_range(tmp_path, mlp, capsys, method, bits, message):
+    assert run_cli(mlp, "--method", method, "--bits", bits, "-o", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_directory_needs_overwrite(tmp_path, mlp, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run_cli(mlp, "-o", out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run_cli(mlp, "-o", out, "--overwrite", "--no-resume") == 0
+    assert (out / "model.onnx").exists() and not (out / "keep.txt").exists()
+
+
+def test_recipe_whose_requirements_are_unmet(tmp_path, mlp, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mgvq_recipe: 1\nmethod: broken\npasses:\n- pass: fuse-vq-gemm\n")
+    assert run_cli(mlp, "--recipe", recipe, "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "requires 'quantized'" in err and "quantize" not in err.split("hint")[0].replace("'quantized'", "")
+
+
+def test_python_api_and_module_entry_point(tmp_path, mlp):
+    result = mgvq_compile.compile(str(mlp), method="rtn", bits=4, output=tmp_path / "api", resume=False, progress=False)
+    assert result.report["summary"]["index_bits_per_weight"] == 4.0
+    proc = subprocess.run([sys.executable, "-m", "mgvq_compile", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--bits" in proc.stdout
