@@ -76,7 +76,7 @@ def _load_calibration(calib: Any) -> list[dict[str, np.ndarray]] | None:
     if calib is None:
         return None
     if isinstance(calib, (str, os.PathLike)):
-        from mgvq_compile.calibration.data import load_calibration_dir
+        from mgvq_compile.calibration.feeds import load_calibration_dir
 
         return load_calibration_dir(calib)
     feeds = [dict(feed) for feed in calib]

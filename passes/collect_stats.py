@@ -14,6 +14,7 @@ import torch
 
 from mgvq_compile.algorithms.statistics import LayerStatistics, accumulate, new_statistics
 
+from mgvq_compile.calibration.feeds import LABELS_KEY, TOKEN_MODALITY_KEY
 from mgvq_compile.errors import CalibrationError, RecipeError
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 
@@ -21,10 +22,8 @@ __all__ = ["CollectStatsConfig", "CollectStats", "TOKEN_MODALITY_KEY", "LABELS_K
 
 logger = logging.getLogger(__name__)
 
-LABELS_KEY = "labels"
-# Optional calibration array [batch, seq]: 1 where a language-model token carries image/audio
-# features, 0 for text tokens. Used to split H_X per modality in the language model.
-TOKEN_MODALITY_KEY = "token_modality"
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +107,7 @@ class CollectStats(Pass):
                         raise CalibrationError(f"no gradient reached layer {layer.key} from the loss")
                     g = y.grad.reshape(-1, y.shape[-1])
                 accumulate(stats[layer.key], x, g, self._token_masks(ctx, layer, token_modality, x.shape[0]))
-            executor.zero_grad() if hasattr(executor, "zero_grad") else None
+            executor.zero_grad()
         return stats
 
     @staticmethod

@@ -104,9 +104,10 @@ class PassManager:
         try:
             return p.run(ctx)
         except MgvqError as exc:
-            if isinstance(exc, PassError):
-                raise
-            raise type(exc)(f"pass {p.name!r} failed (after: {', '.join(done) or 'none'}): {exc.message}", exc.hint) from exc
+            if not isinstance(exc, PassError):
+                exc.message = f"pass {p.name!r} failed (after: {', '.join(done) or 'none'}): {exc.message}"
+                exc.args = (exc.message,)
+            raise
         except Exception as exc:
             raise PassError(
                 f"pass {p.name!r} failed (after: {', '.join(done) or 'none'}): {type(exc).__name__}: {exc}",
