@@ -24,9 +24,9 @@ class QuantizeKMeansVQConfig(PassConfig):
     VERSION = 1
     bits: int = 2  # bits per weight: each vector of d weights takes a (bits*d)-bit code
     vector_dim: int = 4
-    iterations: int = 25
-    init_sample: int = 16384
-    fit_sample: int = 262144
+    iterations: int = 10
+    init_sample: int = 4096  # vectors seen by k-means++ seeding
+    fit_sample: int = 16384  # vectors seen by the Lloyd steps (all vectors are assigned at the end)
 
     def __post_init__(self) -> None:
         if self.vector_dim < 1:
@@ -60,7 +60,7 @@ class QuantizeKMeansVQ(Pass):
                 init_sample=cfg.init_sample, fit_sample=cfg.fit_sample,
             )
             codebook = centroids.numpy().astype(np.float16)
-            codes = assign_nearest(vectors.to(torch.float64), torch.from_numpy(codebook.astype(np.float64)))
+            codes = assign_nearest(vectors, torch.from_numpy(codebook.astype(np.float32)))
             group = VQGroup(0, n, cfg.bits, codebook, codes.numpy().reshape(m, n // d))
             return VQWeight(m, n, d, (group,))
 

@@ -11,12 +11,12 @@ _CHUNK = 65536
 
 def assign_nearest(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid (squared Euclidean distance) for each row of ``vectors``."""
-    centroid_sq = (centroids * centroids).sum(dim=1)
+    centroid_sq = (centroids * centroids).sum(dim=1)[None, :]
     out = torch.empty(vectors.shape[0], dtype=torch.int64)
     for start in range(0, vectors.shape[0], _CHUNK):
         chunk = vectors[start : start + _CHUNK]
         # ||v||^2 is the same for every centroid, so it does not change the argmin.
-        distances = centroid_sq[None, :] - 2.0 * chunk @ centroids.T
+        distances = torch.addmm(centroid_sq, chunk, centroids.T, alpha=-2.0)
         out[start : start + _CHUNK] = distances.argmin(dim=1)
     return out
 
@@ -44,16 +44,16 @@ def kmeans(
     *,
     iterations: int,
     seed: int,
-    init_sample: int = 16384,
-    fit_sample: int = 262144,
+    init_sample: int = 4096,
+    fit_sample: int = 16384,
 ) -> torch.Tensor:
-    """Fit ``k`` centroids to ``vectors`` [N, d] (float64 math for stable sums); returns [k, d] float32.
+    """Fit ``k`` centroids to ``vectors`` [N, d]; returns [k, d] float32 (sums in float64).
 
     Seeding uses at most ``init_sample`` vectors and the Lloyd steps at most ``fit_sample``
     (uniform sub-samples drawn from ``seed``), which bounds the time on very large layers.
     """
     generator = torch.Generator().manual_seed(seed)
-    data = vectors.to(torch.float64)
+    data = vectors.to(torch.float32)
     n = data.shape[0]
     if n <= k:  # every vector gets its own codeword; the rest repeat the first vector
         padding = data[:1].expand(k - n, -1)
@@ -66,11 +66,11 @@ def kmeans(
     centroids = kmeans_plus_plus_init(seed_set, k, generator)
     for _ in range(iterations):
         assignment = assign_nearest(data, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, data)
-        counts = torch.bincount(assignment, minlength=k).to(data.dtype)
+        sums = torch.zeros(k, data.shape[1], dtype=torch.float64).index_add_(0, assignment, data.to(torch.float64))
+        counts = torch.bincount(assignment, minlength=k).to(torch.float64)
         filled = counts > 0
         updated = centroids.clone()
-        updated[filled] = sums[filled] / counts[filled, None]
+        updated[filled] = (sums[filled] / counts[filled, None]).to(torch.float32)
         if torch.equal(updated, centroids):
             break
         centroids = updated

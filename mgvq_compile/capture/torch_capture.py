@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,21 @@ logger = logging.getLogger(__name__)
 
 _ROOT = "captured"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+@contextlib.contextmanager
+def _transformers_checks_disabled():
+    """transformers' runtime shape checks trace to ops the exporter cannot translate (aten._is_all_true);
+    they hold for the example inputs, which the eager forward has already run on."""
+    previous = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous
 
 
 class _NamedInputs(torch.nn.Module):
@@ -47,27 +64,37 @@ def restore_weight_names(model: ir.Model, prefix: str = f"{_ROOT}.") -> None:
     A folded MatMul weight takes its source's name (it holds W^T, as MatMul's B input does).
     """
     graph = model.graph
-    renames = {}
-    taken = set(graph.initializers)
+    renames = {name: name[len(prefix):] for name in graph.initializers if name.startswith(prefix)}
+    final_names = {renames.get(name, name) for name in graph.initializers}
     for name, value in list(graph.initializers.items()):
-        new = name[len(prefix):] if name.startswith(prefix) else name
         sources = value.metadata_props.get(_FOLDED_FROM)
-        if sources and not name.startswith(prefix):
-            try:
-                parsed = ast.literal_eval(sources)
-            except (ValueError, SyntaxError):
-                parsed = []
-            if len(parsed) == 1:
-                candidate = str(parsed[0])
-                candidate = candidate[len(prefix):] if candidate.startswith(prefix) else candidate
-                if candidate not in taken and candidate not in renames.values():
-                    new = candidate
-        if new != name:
-            renames[name] = new
+        if name in renames or not sources:
+            continue
+        try:
+            parsed = ast.literal_eval(sources)
+        except (ValueError, SyntaxError):
+            continue
+        # Only constants folded from one parameter (prefixed name) take its name back.
+        if len(parsed) == 1 and str(parsed[0]).startswith(prefix):
+            candidate = str(parsed[0])[len(prefix):]
+            if candidate not in final_names:
+                renames[name] = candidate
+                final_names.discard(name)
+                final_names.add(candidate)
     for old, new in renames.items():
         value = graph.initializers.pop(old)
         value.name = new
         graph.initializers[new] = value
+
+
+def _summary(exc: BaseException, limit: int = 800) -> str:
+    """The exporter's own exception summary (its messages open with generic advice), shortened."""
+    text = str(exc)
+    marker = "## Exception summary"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("(Refer to the full stack trace", 1)[0]
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text[:limit]}"
 
 
 def capture_module(
@@ -77,6 +104,7 @@ def capture_module(
     output_names: Sequence[str] = ("logits",),
     extra_kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    opset: int = 18,
 ) -> ir.Model:
     """Export ``module(**example_kwargs)`` to an ``onnx_ir.Model`` whose inputs are named as the kwargs.
 
@@ -85,16 +113,16 @@ def capture_module(
     module = module.eval()
     wrapper = _NamedInputs(module, list(example_kwargs), dict(extra_kwargs or {}))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _transformers_checks_disabled():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper, tuple(example_kwargs.values()), input_names=list(example_kwargs),
                 output_names=list(output_names), dynamo=True, optimize=True, verbose=False,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=dynamic_shapes, opset_version=opset,
             )
     except Exception as exc:
         raise CaptureError(
-            f"torch.onnx.export could not capture {type(module).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
+            f"torch.onnx.export could not capture {type(module).__name__}: {_summary(exc)}",
             "fix the shapes of the example inputs, use attn_implementation='eager', or add a capture adapter "
             "(mgvq_compile.capture.vlm) that precomputes data-dependent index tensors",
         ) from exc
