@@ -637,3 +637,4 @@ def _quant_broadcast(node: ir.Node, data: torch.Tensor, t: torch.Tensor | None) 
 # Registers the remaining converters (imported for their side effect).
 from mgvq_compile.calibration import ops_contrib as _ops_contrib  # noqa: E402,F401
 from mgvq_compile.calibration import ops_nn as _ops_nn  # noqa: E402,F401
+from mgvq_compile.calibration import ops_vq as _ops_vq  # noqa: E402,F401
