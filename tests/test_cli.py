@@ -15,8 +15,8 @@ from onnx import numpy_helper
 
 import mgvq_compile
 from mgvq_compile.cli import main
-from mgvq_compile.vqgemm import decode_from_stored
 from onnx_builders import save_mlp
+from vq_helpers import dequantized_weights
 
 
 @pytest.fixture()
@@ -34,22 +34,12 @@ def files_bytes(out: Path) -> dict[str, bytes]:
 
 def dense_reference(original: Path, out: Path) -> onnx.ModelProto:
     """The original model with each quantized weight replaced by its decoded (dequantized) value."""
-    report = json.loads((out / "report.json").read_text())
-    compiled = onnx.load(str(out / "model.onnx"))
-    arrays = {t.name: numpy_helper.to_array(t) for t in compiled.graph.initializer}
     reference = onnx.load(str(original))
-    for layer in report["layers"]:
-        if not layer["quantized"]:
-            continue
-        prefix = layer["name"] + ".vq."
-        attrs = {
-            "out_features": layer["shape"][0], "in_features": layer["shape"][1], "vector_dim": layer["vector_dim"],
-            "group_bounds": layer["group_bounds"], "group_bits": layer["bits"], "scale_group_size": layer["scale_group_size"] or 0,
-        }
-        w = decode_from_stored(attrs, arrays[prefix + "codebooks"], arrays[prefix + "codes"], arrays.get(prefix + "perm"), arrays.get(prefix + "scales"))
+    layouts = {layer["name"]: layer["op_type"] for layer in json.loads((out / "report.json").read_text())["layers"]}
+    for name, w in dequantized_weights(out).items():
         for init in reference.graph.initializer:
-            if init.name == layer["name"]:
-                transposed = layer["op_type"] == "Gemm"  # the test MLP's Gemm has transB=1
+            if init.name == name:
+                transposed = layouts[name] == "Gemm"  # the test MLP's Gemm has transB=1
                 init.CopyFrom(numpy_helper.from_array(w if transposed else w.T.copy(), init.name))
     return reference
 

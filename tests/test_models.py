@@ -135,6 +135,31 @@ def test_whisper_onnx_export_matches_torch_and_transcribes(whisper, tmp_path):
     assert result["wer"] < 0.5, result["hypotheses"]
     assert 0 < result["nll"] < 2.0 and result["n_tokens"] == len(ref) - 2
 
+    # The calibration executor runs the same graph: forward equals ORT, weight gradients equal torch's.
+    from mgvq_compile.calibration.executor import GraphExecutor
+    from mgvq_compile.graph import load_onnx
+
+    graph = load_onnx(path)
+    checked = ["model.encoder.layers.0.fc1.weight", "model.decoder.layers.3.encoder_attn.q_proj.weight",
+               "model.decoder.layers.0.self_attn.v_proj.weight"]
+    executor = GraphExecutor(graph, trainable=checked)
+    feeds = {"input_features": feats, "decoder_input_ids": ids}
+    logits = executor.run(feeds)["logits"]
+    assert np.linalg.norm(logits.detach().numpy() - ort_logits) / np.linalg.norm(ort_logits) < 1e-4
+    labels = torch.from_numpy(np.concatenate([ids[:, 1:], np.full((1, 1), -100)], axis=1))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    model.zero_grad()
+    torch_out = model(input_features=torch.from_numpy(feats), decoder_input_ids=torch.from_numpy(ids)).logits
+    torch.nn.functional.cross_entropy(torch_out.reshape(-1, torch_out.shape[-1]), labels.reshape(-1), ignore_index=-100).backward()
+    params = dict(model.named_parameters())
+    for name in checked:
+        expected = params[name].grad
+        got = executor.weights[name].grad
+        got = got.T  # MatMul weights are stored as W^T
+        assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) < 1e-3, name
+    model.zero_grad()
+
 
 def test_smollm2_architecture(smollm2):
     model, tokenizer = smollm2
