@@ -26,6 +26,8 @@ import onnx_ir as ir
 import torch
 import transformers
 
+from mgvq_compile.capture.tiny_vlms import randomize
+
 __all__ = [
     "randomize",
     "tiny_llama",
@@ -37,18 +39,6 @@ __all__ = [
 ]
 
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Distinct random values in every 1-d parameter (norm weights near 1, biases near 0), so that the
-    exporter's constant deduplication cannot merge equal-valued weights such as all-ones norms."""
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if "norm" in name or "ln" in name else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def tiny_llama(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

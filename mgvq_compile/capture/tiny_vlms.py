@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import transformers
 
-__all__ = ["ARCHITECTURES", "tiny_vlm"]
+__all__ = ["randomize", "ARCHITECTURES", "tiny_vlm"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _SIGLIP = dict(
 )
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Distinct random values in every 1-D parameter (norm weights near 1, biases near 0), so that the
     exporter's constant deduplication cannot merge equal-valued weights such as all-ones norms."""
     g = torch.Generator().manual_seed(seed + 1000)
@@ -47,7 +47,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _build(cls: type, config: transformers.PretrainedConfig, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    return _randomize(model, seed)
+    return randomize(model, seed)
 
 
 def _prompt(g: torch.Generator, n_image: int, text_len: int = 8, before: int = 3,
