@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import onnx_ir as ir
 
 __all__ = ["capture_torch_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def capture_torch_model(model: Any, example_inputs: dict[str, Any]) -> dict[str, ir.Model]:
@@ -16,7 +19,8 @@ def capture_torch_model(model: Any, example_inputs: dict[str, Any]) -> dict[str,
     if config is not None and getattr(config, "vision_config", None) is not None:
         from mgvq_compile.capture.vlm import capture_vlm
 
-        graph, _spec = capture_vlm(model, example_inputs)
+        graph, spec = capture_vlm(model, example_inputs)
+        logger.info("captured %s for inputs %s: %s", type(model).__name__, spec.input_shapes, spec.notes)
         return {"model": graph}
     from mgvq_compile.capture.torch_capture import capture_module
 
