@@ -173,28 +173,21 @@ def compile(
     run_dir = (Path(work_dir) if work_dir else default_work_dir()) / root_key[:16] if resume else None
     manager = PassManager(list(recipe.passes), work_dir=run_dir, progress=options.progress)
     logger.info("compiling %d layers with recipe %r (work dir %s)", len(layers), recipe.method, run_dir)
-    quantized_keys = None
-    dense_weights: dict[str, np.ndarray] = {}
-
     # The original weights are needed for the report after the graph is rewritten.
-    for layer in layers:
-        dense_weights[layer.key] = weight_matrix(graphs[layer.graph], layer)
+    dense_weights = {layer.key: weight_matrix(graphs[layer.graph], layer) for layer in layers}
     manager.run(ctx, root_key)
     if "stored" not in ctx.artifacts:
         raise RecipeError("the recipe never rewrote the graph", "end the recipe with the fuse-vq-gemm pass")
-    quantized_keys = set(ctx.artifacts.get("quantized", {}))
+    graph_of = {layer.key: layer.graph for layer in layers}
     report_box: dict[str, Any] = {}
 
     def write_extras(tmp: Path) -> None:
-        stored_bytes = {}
-        files = {}
-        for graph_name in graphs:
-            sizes = stored_initializer_bytes(tmp / graph_file_name(graph_name))
-            for key, roles in ctx.artifacts["stored"].items():
-                if key in quantized_keys and any(layer.key == key and layer.graph == graph_name for layer in layers):
-                    stored_bytes[key] = {role: sizes[name] for role, name in roles.items()}
-        for path in sorted(tmp.iterdir()):
-            files[path.name] = path.stat().st_size
+        sizes = {name: stored_initializer_bytes(tmp / graph_file_name(name)) for name in graphs}
+        stored_bytes = {
+            key: {role: sizes[graph_of[key]][value] for role, value in roles.items()}
+            for key, roles in ctx.artifacts["stored"].items()
+        }
+        files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
         report = build_report(
             ctx, dense_weights, stored_bytes, method=recipe.method, seed=seed,
             timings=manager.timings, resumed=manager.resumed, files=files,

@@ -88,9 +88,9 @@ class FuseVQGemm(Pass):
         old_output = node.outputs[0]
         new_output = ir.Value(name=f"{prefix}/out", shape=old_output.shape, type=old_output.type)
         _new_node, arrays = emit_custom_node(graph, node, prefix, weight, node.inputs[0], bias, new_output)
-        was_output = old_output.is_graph_output()
         name = old_output.name
-        old_output.replace_all_uses_with(new_output, replace_graph_outputs=True) if was_output else old_output.replace_all_uses_with(new_output)
+        # find_linear_layers never picks a node whose output is a graph output, so only uses move.
+        old_output.replace_all_uses_with(new_output)
         graph.remove(node, safe=True)
         new_output.name = name
         return arrays
