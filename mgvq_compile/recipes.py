@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from mgvq_compile.errors import RecipeError
+from mgvq_compile.errors import CalibrationError, RecipeError
 from mgvq_compile.pipeline.base import Pass, pass_class
 
 __all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe", "recipe_from_dict"]
@@ -17,8 +17,8 @@ __all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe
 RECIPE_VERSION = 1
 
 # Methods with a built-in recipe, and whether they need calibration data.
-METHODS = {"rtn": False, "kmeans-vq": False}
-PLANNED_METHODS = ("mgvq", "gptq", "gptvq", "vlmq", "mgvq-no-alloc", "mgvq-no-grad")
+METHODS = {"rtn": False, "kmeans-vq": False, "gptq": True, "gptvq": True, "vlmq": True}
+PLANNED_METHODS = ("mgvq", "mgvq-no-alloc", "mgvq-no-grad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,8 @@ def _integer_bits(method: str, bits: float) -> int:
 
 
 def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "decomposed") -> Recipe:
-    """The recipe a method name stands for. With calibration data, statistics are collected
-    (activations only: these methods use them for the report's proxy loss, not for rounding)."""
+    """The recipe a method name stands for. With calibration data, statistics are collected (rtn and
+    kmeans-vq use them only for the report's proxy loss; vlmq also collects gradients, for H_I)."""
     if method in PLANNED_METHODS:
         raise RecipeError(
             f"method {method!r} is not implemented in this version",
@@ -65,14 +65,24 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "d
         )
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}", f"available methods: {', '.join(METHODS)}")
+    if METHODS[method] and not calibrated:
+        raise CalibrationError(
+            f"method {method!r} needs calibration data", "pass --calib DIR (a directory of .npz feeds)"
+        )
+    b = _integer_bits(method, bits)
     passes = []
     if calibrated:
-        passes.append(_make("collect-stats", gradients=False))
-    b = _integer_bits(method, bits)
+        passes.append(_make("collect-stats", gradients=method == "vlmq"))
     if method == "rtn":
         passes.append(_make("quantize-rtn", bits=b))
-    else:
+    elif method == "kmeans-vq":
         passes.append(_make("quantize-kmeans-vq", bits=b))
+    elif method == "gptq":
+        passes.append(_make("quantize-gptq", bits=b))
+    elif method == "vlmq":
+        passes.append(_make("quantize-gptq", bits=b, hessian="importance"))
+    else:
+        passes.append(_make("quantize-gptvq", bits=b))
     passes.append(_make("fuse-vq-gemm", form=form))
     return Recipe(method, tuple(passes))
 

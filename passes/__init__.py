@@ -2,6 +2,8 @@
 
 from mgvq_compile.passes.collect_stats import CollectStats, CollectStatsConfig
 from mgvq_compile.passes.fuse_vq_gemm import FuseVQGemm, FuseVQGemmConfig
+from mgvq_compile.passes.quantize_gptq import QuantizeGPTQ, QuantizeGPTQConfig
+from mgvq_compile.passes.quantize_gptvq import QuantizeGPTVQ, QuantizeGPTVQConfig
 from mgvq_compile.passes.quantize_kmeans_vq import QuantizeKMeansVQ, QuantizeKMeansVQConfig
 from mgvq_compile.passes.quantize_rtn import QuantizeRTN, QuantizeRTNConfig
 
@@ -10,6 +12,10 @@ __all__ = [
     "CollectStatsConfig",
     "FuseVQGemm",
     "FuseVQGemmConfig",
+    "QuantizeGPTQ",
+    "QuantizeGPTQConfig",
+    "QuantizeGPTVQ",
+    "QuantizeGPTVQConfig",
     "QuantizeKMeansVQ",
     "QuantizeKMeansVQConfig",
     "QuantizeRTN",

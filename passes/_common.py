@@ -13,7 +13,7 @@ from mgvq_compile.pipeline.context import CompileContext
 from mgvq_compile.pipeline.manager import save_atomic_torch
 from mgvq_compile.vqgemm import VQWeight
 
-__all__ = ["quantize_layers"]
+__all__ = ["quantize_layers", "layer_hessian"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +48,19 @@ def quantize_layers(
         else:
             logger.warning("layer %s (%dx%d) left dense: %s", layer.key, layer.out_features, layer.in_features, desc)
     return quantized, metrics
+
+
+def layer_hessian(stats: dict, layer: LinearLayer, kind: str) -> torch.Tensor:
+    """The layer's input Hessian H_X (``kind="input"``) or importance Hessian H_I (``"importance"``)."""
+    from mgvq_compile.errors import CalibrationError
+
+    layer_stats = stats[layer.key]
+    if kind == "input":
+        return layer_stats.h_x
+    h_i = layer_stats.h_i
+    if h_i is None:
+        raise CalibrationError(
+            f"layer {layer.key} has no importance Hessian H_I: the statistics were collected without gradients",
+            "collect statistics with gradients (collect-stats gradients: true) and labels",
+        )
+    return h_i

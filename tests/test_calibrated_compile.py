@@ -104,3 +104,26 @@ def test_op_without_converter_is_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     # without calibration the same graph compiles: no executor needed
     assert run_cli(path, "--method", "rtn", "-o", tmp_path / "out", "--no-resume") == 0
+
+
+def test_hessian_aware_methods_beat_round_to_nearest(tmp_path, mlp):
+    """gptq/vlmq/gptvq on the same statistics: proxy loss below their rounding-only counterparts."""
+    calib = write_calib(tmp_path / "calib", count=4)
+    proxy = {}
+    for method in ("rtn", "gptq", "vlmq", "kmeans-vq", "gptvq"):
+        out = tmp_path / method
+        assert run_cli(mlp, "--method", method, "--bits", "2", "--calib", calib, "-o", out, "--work-dir", tmp_path / "w") == 0
+        report = json.loads((out / "report.json").read_text())
+        proxy[method] = sum(layer["proxy_loss"] for layer in report["layers"])
+    assert proxy["gptq"] < proxy["rtn"]
+    assert proxy["vlmq"] < proxy["rtn"]
+    assert proxy["gptvq"] < proxy["kmeans-vq"]
+
+
+def test_methods_that_need_calibration_say_so(tmp_path, mlp, capsys):
+    assert run_cli(mlp, "--method", "gptq", "-o", tmp_path / "out") == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    no_labels = write_calib(tmp_path / "calib", labels=False)
+    assert run_cli(mlp, "--method", "vlmq", "--calib", no_labels, "-o", tmp_path / "out") == 2
+    assert "--labels model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

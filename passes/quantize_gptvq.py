@@ -1,0 +1,77 @@
+"""QuantizeGPTVQ: vector quantization with a Hessian-weighted k-means codebook per layer and GPTQ-style
+error feedback (BlockLDLQ with d-column blocks) under H_X; uniform bits (the ``gptvq`` method)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mgvq_compile.algorithms.gptq import block_ldlq
+from mgvq_compile.algorithms.kmeans import assign_nearest
+from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
+from mgvq_compile.errors import RecipeError
+from mgvq_compile.graph import LinearLayer
+from mgvq_compile.passes._common import layer_hessian, quantize_layers
+from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
+from mgvq_compile.vqgemm import VQGroup, VQWeight
+
+__all__ = ["QuantizeGPTVQConfig", "QuantizeGPTVQ"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeGPTVQConfig(PassConfig):
+    VERSION = 1
+    bits: int = 2
+    vector_dim: int = 4
+    iterations: int = 10
+    fit_sample: int = 16384
+    hessian: str = "input"
+    damp_rel: float = 0.01
+
+    def __post_init__(self) -> None:
+        allowed = [b for b in range(1, 9) if b * self.vector_dim <= 16]
+        if self.bits not in allowed:
+            raise RecipeError(
+                f"gptvq with d={self.vector_dim} supports {', '.join(map(str, allowed))} bits per weight, got {self.bits}",
+                f"pass --bits {' or '.join(map(str, allowed))}",
+            )
+
+
+@register_pass
+class QuantizeGPTVQ(Pass):
+    name = "quantize-gptvq"
+    config_class = QuantizeGPTVQConfig
+    requires = ("stats",)
+    provides = ("quantized", "quant_metrics")
+
+    def run(self, ctx) -> PassResult:
+        cfg = self.config
+        d, k = cfg.vector_dim, 1 << (cfg.bits * cfg.vector_dim)
+        stats = ctx.artifacts["stats"]
+
+        def quantize(weight: np.ndarray, layer: LinearLayer) -> VQWeight | None:
+            m, n = weight.shape
+            if n % d:
+                return None
+            h = layer_hessian(stats, layer, cfg.hessian)
+            w = torch.from_numpy(weight)
+            column_weight = torch.clamp(torch.diagonal(h).to(torch.float32), min=0)
+            vectors = w.reshape(-1, d)
+            weights = column_weight.repeat(m).reshape(-1, d)
+            codebook = weighted_kmeans(vectors, weights, k, iterations=cfg.iterations, seed=ctx.layer_seed(layer),
+                                       fit_sample=cfg.fit_sample).to(torch.float16).to(torch.float32)
+            codes = torch.empty(m, n // d, dtype=torch.int64)
+
+            def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
+                chosen = assign_nearest(targets.to(torch.float32), codebook)
+                codes[:, block] = chosen
+                return codebook[chosen].to(targets.dtype)
+
+            block_ldlq(w.to(torch.float64), h, assign, d=d, damp_rel=cfg.damp_rel)
+            group = VQGroup(0, n, cfg.bits, codebook.numpy().astype(np.float16), codes.numpy())
+            return VQWeight(m, n, d, (group,))
+
+        quantized, metrics = quantize_layers(ctx, f"gptvq {cfg.bits}-bit d={d}", quantize)
+        return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})
