@@ -13,7 +13,9 @@ from mgvq_compile.pipeline.context import CompileContext
 from mgvq_compile.pipeline.manager import save_atomic_torch
 from mgvq_compile.vqgemm import VQWeight
 
-__all__ = ["quantize_layers", "layer_hessian"]
+__all__ = ["quantize_layers", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
+
+MAX_CODE_BITS = 16  # widest code a VQ-GEMM vector may take (b * d)
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +66,17 @@ def layer_hessian(stats: dict, layer: LinearLayer, kind: str) -> torch.Tensor:
             "collect statistics with gradients (collect-stats gradients: true) and labels",
         )
     return h_i
+
+
+def check_vq_bits(method: str, bits: int, vector_dim: int) -> None:
+    """Refuse a bit width whose codes (bits * d) would be wider than :data:`MAX_CODE_BITS`."""
+    from mgvq_compile.errors import RecipeError
+
+    if vector_dim < 1:
+        raise RecipeError(f"{method} vector_dim must be positive, got {vector_dim}")
+    allowed = [b for b in range(1, 9) if b * vector_dim <= MAX_CODE_BITS]
+    if bits not in allowed:
+        raise RecipeError(
+            f"{method} with d={vector_dim} supports {', '.join(map(str, allowed))} bits per weight, got {bits}",
+            f"pass --bits {' or '.join(map(str, allowed))} (codes are bits*d <= {MAX_CODE_BITS} wide)",
+        )

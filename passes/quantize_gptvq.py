@@ -11,9 +11,8 @@ import torch
 from mgvq_compile.algorithms.gptq import block_ldlq
 from mgvq_compile.algorithms.kmeans import assign_nearest
 from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
-from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
-from mgvq_compile.passes._common import layer_hessian, quantize_layers
+from mgvq_compile.passes._common import check_vq_bits, layer_hessian, quantize_layers
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 from mgvq_compile.vqgemm import VQGroup, VQWeight
 
@@ -31,12 +30,7 @@ class QuantizeGPTVQConfig(PassConfig):
     damp_rel: float = 0.01
 
     def __post_init__(self) -> None:
-        allowed = [b for b in range(1, 9) if b * self.vector_dim <= 16]
-        if self.bits not in allowed:
-            raise RecipeError(
-                f"gptvq with d={self.vector_dim} supports {', '.join(map(str, allowed))} bits per weight, got {self.bits}",
-                f"pass --bits {' or '.join(map(str, allowed))}",
-            )
+        check_vq_bits("gptvq", self.bits, self.vector_dim)
 
 
 @register_pass

@@ -8,15 +8,12 @@ import numpy as np
 import torch
 
 from mgvq_compile.algorithms.kmeans import assign_nearest, kmeans
-from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
-from mgvq_compile.passes._common import quantize_layers
+from mgvq_compile.passes._common import check_vq_bits, quantize_layers
 from mgvq_compile.vqgemm import VQGroup, VQWeight
 
 __all__ = ["QuantizeKMeansVQConfig", "QuantizeKMeansVQ"]
-
-MAX_CODE_BITS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +26,7 @@ class QuantizeKMeansVQConfig(PassConfig):
     fit_sample: int = 16384  # vectors seen by the Lloyd steps (all vectors are assigned at the end)
 
     def __post_init__(self) -> None:
-        if self.vector_dim < 1:
-            raise RecipeError(f"kmeans-vq vector_dim must be positive, got {self.vector_dim}")
-        allowed = [b for b in range(1, 9) if b * self.vector_dim <= MAX_CODE_BITS]
-        if self.bits not in allowed:
-            raise RecipeError(
-                f"kmeans-vq with d={self.vector_dim} supports {', '.join(map(str, allowed))} bits per weight, "
-                f"got {self.bits}",
-                f"pass --bits {' or '.join(map(str, allowed))} (codes are bits*d <= {MAX_CODE_BITS} wide)",
-            )
+        check_vq_bits("kmeans-vq", self.bits, self.vector_dim)
 
 
 @register_pass
