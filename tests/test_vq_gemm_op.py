@@ -1,0 +1,221 @@
+"""The C++ CPU kernel of mgvq.VQGemm in ORT equals the numpy reference and the decomposed ONNX form."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mgvq_compile import runtime
+from mgvq_compile.errors import MgvqError
+from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQWeight, emit_decomposed_weight, vqgemm_reference
+from test_vqgemm import random_weight
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def library() -> str:
+    """Builds the library once per session (a no-op when it is up to date); skips only if that fails."""
+    spec = importlib.util.spec_from_file_location("mgvq_custom_ops_build", ROOT / "custom_ops" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    try:
+        return str(module.build())
+    except Exception as error:  # noqa: BLE001 - any build failure means the op cannot be tested here
+        pytest.skip(f"mgvq custom-op library could not be built ({error}); run python custom_ops/build.py")
+
+
+@pytest.fixture()
+def session_for(library, monkeypatch):
+    def make(model: bytes | Path, *, path: str = "auto", isa: str = "auto", threads: int = 2,
+             piece: int = 0) -> ort.InferenceSession:
+        monkeypatch.setenv(runtime.LIBRARY_ENV, library)
+        # Read when the kernel is created: forced path, instruction set, table slice size.
+        monkeypatch.setenv("MGVQ_VQGEMM_PATH", path)
+        monkeypatch.setenv("MGVQ_VQGEMM_ISA", isa)
+        monkeypatch.setenv("MGVQ_VQGEMM_PIECE", str(piece))
+        return runtime.create_session(model, threads=threads)
+
+    return make
+
+
+def custom_model(weight: VQWeight, batch_shape: tuple[int, ...], dtype: int, bias: np.ndarray | None) -> bytes:
+    arrays = weight.stored_arrays()
+    inits = [numpy_helper.from_array(array, role) for role, array in arrays.items()]
+    names = ["x", "perm" if "perm" in arrays else "", "codebooks", "codes", "scales" if "scales" in arrays else ""]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        names.append("bias")
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node(CUSTOM_OP, names, ["y"], domain=CUSTOM_DOMAIN, name="vq", **weight.node_attributes())
+    n, m = weight.in_features, weight.out_features
+    graph = helper.make_graph(
+        [node], "vq", [helper.make_tensor_value_info("x", dtype, [*batch_shape, n])],
+        [helper.make_tensor_value_info("y", dtype, [*batch_shape, m])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(CUSTOM_DOMAIN, 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def decomposed_model(weight: VQWeight, batch_shape: tuple[int, ...], bias: np.ndarray | None) -> bytes:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([*batch_shape, weight.in_features]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="g")
+    matmul = ir.node("MatMul", [x, ir.Value(name="placeholder")], name="mm")
+    graph.append(matmul)
+    out = matmul.outputs[0]
+    if bias is not None:
+        b = ir.Value(name="bias", const_value=ir.tensor(bias, name="bias"))
+        graph.register_initializer(b)
+        add = ir.node("Add", [out, b], name="add")
+        graph.append(add)
+        out = add.outputs[0]
+    out.name, out.dtype = "y", ir.DataType.FLOAT
+    graph.outputs.append(out)
+    dense_t, _ = emit_decomposed_weight(graph, matmul, "w", weight, 18, transpose=True)
+    matmul.replace_input_with(1, dense_t)
+    return ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b))
+
+
+def nonzero_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < 1e-3, 0.5, x)
+
+
+# m, n, d, group bounds, group bits, perm, scale_group_size, bias, batch shape
+CASES = [
+    (64, 64, 4, [0, 64], [2], True, 0, False, (1,)),
+    (33, 48, 4, [0, 16, 48], [2, 1], True, 8, True, (3, 5)),
+    (17, 24, 2, [0, 4, 10, 24], [1, 3, 4], True, 6, True, (7,)),
+    (40, 32, 8, [0, 16, 32], [1, 2], False, 0, True, (2, 1, 3)),
+    (9, 20, 4, [0, 20], [3], False, 5, False, (300,)),  # scale blocks cut vectors in two
+    (50, 40, 4, [0, 8, 40], [4, 2], True, 20, False, (2, 150)),
+    (31, 30, 2, [0, 30], [2], True, 0, True, (1,)),
+    (70, 96, 4, [0, 32, 64, 96], [1, 2, 3], True, 32, True, (4, 11)),
+    (5, 16, 8, [0, 16], [2], True, 16, False, (13,)),
+]
+
+
+@pytest.mark.parametrize("m,n,d,bounds,bits,perm,scale_group,with_bias,batch", CASES)
+@pytest.mark.parametrize("path", ["auto", "lut", "decode"])
+def test_custom_op_equals_reference_and_decomposed(session_for, m, n, d, bounds, bits, perm, scale_group,
+                                                   with_bias, batch, path):
+    rng = np.random.default_rng(m * 1000 + n)
+    weight = random_weight(rng, m, n, d, bounds, bits, perm=perm, scale_group=scale_group)
+    bias = nonzero_normal(rng, (m,)).astype(np.float32) if with_bias else None
+    x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
+    (y,) = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path=path).run(None, {"x": x})
+    assert y.shape == (*batch, m) and y.dtype == np.float32
+    ref = vqgemm_reference(x, weight, bias)
+    assert rel_err(y, ref) < 1e-5
+    (y_dec,) = ort.InferenceSession(decomposed_model(weight, batch, bias)).run(None, {"x": x})
+    assert rel_err(y, y_dec) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["lut", "decode"])
+def test_portable_path_equals_vectorised_path(session_for, path):
+    rng = np.random.default_rng(7)
+    weight = random_weight(rng, 37, 72, 4, [0, 40, 72], [2, 3], perm=True, scale_group=8)
+    model = custom_model(weight, (3, 4), TensorProto.FLOAT, None)
+    x = nonzero_normal(rng, (3, 4, 72)).astype(np.float32)
+    (fast,) = session_for(model, path=path).run(None, {"x": x})
+    (portable,) = session_for(model, path=path, isa="portable").run(None, {"x": x})
+    assert rel_err(portable, vqgemm_reference(x, weight)) < 1e-5
+    assert rel_err(fast, portable) < 1e-6
+
+
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("piece", [3, 16])
+def test_lut_table_slices(session_for, isa, piece):
+    rng = np.random.default_rng(piece)
+    weight = random_weight(rng, 45, 200, 4, [0, 72, 200], [2, 1], perm=True, scale_group=40)
+    bias = nonzero_normal(rng, (45,)).astype(np.float32)
+    x = nonzero_normal(rng, (2, 9, 200)).astype(np.float32)
+    session = session_for(custom_model(weight, (2, 9), TensorProto.FLOAT, bias), path="lut", isa=isa, piece=piece)
+    assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["lut", "decode"])
+def test_float16_activations(session_for, path):
+    rng = np.random.default_rng(3)
+    weight = random_weight(rng, 24, 32, 4, [0, 16, 32], [2, 1], perm=True, scale_group=8)
+    bias = (nonzero_normal(rng, (24,)) * 0.1).astype(np.float16)
+    x = nonzero_normal(rng, (5, 32)).astype(np.float16)
+    (y,) = session_for(custom_model(weight, (5,), TensorProto.FLOAT16, bias), path=path).run(None, {"x": x})
+    assert y.dtype == np.float16 and y.shape == (5, 24)
+    assert rel_err(y, vqgemm_reference(x.astype(np.float32), weight, bias)) < 2e-3
+
+
+def test_outputs_are_written_over_a_poisoned_buffer(session_for):
+    rng = np.random.default_rng(11)
+    weight = random_weight(rng, 20, 16, 4, [0, 16], [2], perm=True)
+    x = nonzero_normal(rng, (3, 16)).astype(np.float32)
+    session = session_for(custom_model(weight, (3,), TensorProto.FLOAT, None))
+    poisoned = ort.OrtValue.ortvalue_from_numpy(np.full((3, 20), np.nan, np.float32))
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_ortvalue_output("y", poisoned)
+    session.run_with_iobinding(binding)
+    y = binding.get_outputs()[0].numpy()
+    assert np.isfinite(y).all()
+    assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
+
+
+def test_deterministic_across_runs_and_threads(session_for):
+    rng = np.random.default_rng(5)
+    weight = random_weight(rng, 300, 64, 4, [0, 64], [2], perm=True, scale_group=16)
+    model = custom_model(weight, (4,), TensorProto.FLOAT, None)
+    x = nonzero_normal(rng, (4, 64)).astype(np.float32)
+    first = session_for(model, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(first, session_for(model, threads=2).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(first, session_for(model, threads=1).run(None, {"x": x})[0])
+
+
+def test_bad_inputs_are_reported(session_for):
+    rng = np.random.default_rng(1)
+    weight = random_weight(rng, 8, 16, 4, [0, 16], [2], perm=False)
+    model = onnx.load_from_string(custom_model(weight, (2,), TensorProto.FLOAT, None))
+    codes = model.graph.initializer[1]
+    assert codes.name == "codes"
+    codes.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(codes)[:-1], "codes"))
+    session = session_for(model.SerializeToString())
+    with pytest.raises(Exception, match="codes has the wrong shape"):
+        session.run(None, {"x": np.ones((2, 16), np.float32)})
+
+
+def test_compiled_custom_form_runs_in_ort(session_for, tmp_path):
+    import mgvq_compile
+    from onnx_builders import save_mlp
+
+    mlp = save_mlp(tmp_path / "mlp.onnx", hidden=64, inputs=32)
+    common = dict(method="kmeans-vq", bits=2, resume=False, progress=False)
+    mgvq_compile.compile(str(mlp), output=tmp_path / "dec", form="decomposed", **common)
+    mgvq_compile.compile(str(mlp), output=tmp_path / "cus", form="custom", **common)
+    x = np.random.default_rng(0).standard_normal((2, 8, 32)).astype(np.float32)
+    (y_dec,) = ort.InferenceSession(str(tmp_path / "dec" / "model.onnx")).run(None, {"x": x})
+    (y_cus,) = session_for(tmp_path / "cus" / "model.onnx").run(None, {"x": x})
+    assert rel_err(y_cus, y_dec) < 1e-5
+
+
+def test_library_path_errors(monkeypatch, tmp_path):
+    with pytest.raises(MgvqError, match="no mgvq custom-op library for device"):
+        runtime.library_path("tpu")
+    monkeypatch.setenv(runtime.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    monkeypatch.setattr(runtime, "_candidates", lambda device: [tmp_path / "missing.so"])
+    with pytest.raises(MgvqError, match="not built") as info:
+        runtime.library_path("cpu")
+    assert "custom_ops/build.py" in str(info.value)
