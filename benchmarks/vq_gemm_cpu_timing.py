@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--d", type=int, default=4)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "vq_gemm_cpu_timing.json"))
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.n)).astype(np.float32)
@@ -99,9 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     session = ort.InferenceSession(nbits_model(rng, args.n, args.m, args.rows, 4, 32), options)
     results["matmulnbits4_b32"] = median_ms(session, x, args.runs)
     results["matmul_fp32"] = median_ms(ort.InferenceSession(dense_model(rng, args.n, args.m, args.rows), options), x, args.runs)
-    print(json.dumps({"config": vars(args), "ort": ort.__version__, "median_ms": results}, indent=1))
     best_nbits = min(results["matmulnbits2_b32"], results["matmulnbits2_b128"])
-    print(f"vqgemm(auto) / best MatMulNBits(2 bits) = {results['vqgemm_auto'] / best_nbits:.3f}")
+    record = {
+        "command": "python benchmarks/vq_gemm_cpu_timing.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": {k: v for k, v in vars(args).items() if k != "out"}, "ort": ort.__version__, "median_ms": results,
+        "vqgemm_over_best_matmulnbits2": results["vqgemm_auto"] / best_nbits,
+    }
+    print("| op | median ms |\n|---|---|")
+    for name, ms in results.items():
+        print(f"| {name} | {ms:.3f} |")
+    print(f"vqgemm(auto) / best MatMulNBits(2 bits) = {record['vqgemm_over_best_matmulnbits2']:.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out)
     return 0
 
 
