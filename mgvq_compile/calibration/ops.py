@@ -501,24 +501,22 @@ def _eye_like(node, x, opset):
     return [(j - i == attr(node, "k", 0)).to(dtype)]
 
 
-@register_op("ArgMax")
-def _argmax(node, x, opset):
-    data, axis, keep = x[0], attr(node, "axis", 0), bool(attr(node, "keepdims", 1))
-    if attr(node, "select_last_index", 0):
-        axis = norm_axis(axis, data.dim())
-        idx = torch.argmax(data.flip(axis), dim=axis, keepdim=keep)
-        return [data.shape[axis] - 1 - idx]
-    return [torch.argmax(data, dim=axis, keepdim=keep)]
+def _arg_reduce(reduce: Callable[..., torch.Tensor]) -> Converter:
+    """ArgMax / ArgMin, with ONNX's select_last_index (ties resolved to the last position)."""
+
+    def convert(node, x, opset):
+        data, axis, keep = x[0], attr(node, "axis", 0), bool(attr(node, "keepdims", 1))
+        if attr(node, "select_last_index", 0):
+            axis = norm_axis(axis, data.dim())
+            idx = reduce(data.flip(axis), dim=axis, keepdim=keep)
+            return [data.shape[axis] - 1 - idx]
+        return [reduce(data, dim=axis, keepdim=keep)]
+
+    return convert
 
 
-@register_op("ArgMin")
-def _argmin(node, x, opset):
-    data, axis, keep = x[0], attr(node, "axis", 0), bool(attr(node, "keepdims", 1))
-    if attr(node, "select_last_index", 0):
-        axis = norm_axis(axis, data.dim())
-        idx = torch.argmin(data.flip(axis), dim=axis, keepdim=keep)
-        return [data.shape[axis] - 1 - idx]
-    return [torch.argmin(data, dim=axis, keepdim=keep)]
+register_op("ArgMax")(_arg_reduce(torch.argmax))
+register_op("ArgMin")(_arg_reduce(torch.argmin))
 
 
 _REDUCTIONS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
