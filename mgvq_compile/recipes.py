@@ -17,8 +17,11 @@ __all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe
 RECIPE_VERSION = 1
 
 # Methods with a built-in recipe, and whether they need calibration data.
-METHODS = {"rtn": False, "kmeans-vq": False, "gptq": True, "gptvq": True, "vlmq": True}
-PLANNED_METHODS = ("mgvq", "mgvq-no-alloc", "mgvq-no-grad")
+METHODS = {
+    "rtn": False, "kmeans-vq": False, "gptq": True, "gptvq": True, "vlmq": True,
+    "mgvq": True, "mgvq-no-alloc": True, "mgvq-no-grad": True,
+}
+GRADIENT_METHODS = ("vlmq", "mgvq", "mgvq-no-alloc", "mgvq-no-grad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +61,24 @@ def _integer_bits(method: str, bits: float) -> int:
 def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "decomposed") -> Recipe:
     """The recipe a method name stands for. With calibration data, statistics are collected (rtn and
     kmeans-vq use them only for the report's proxy loss; vlmq also collects gradients, for H_I)."""
-    if method in PLANNED_METHODS:
-        raise RecipeError(
-            f"method {method!r} is not implemented in this version",
-            f"available methods: {', '.join(METHODS)}",
-        )
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}", f"available methods: {', '.join(METHODS)}")
     if METHODS[method] and not calibrated:
         raise CalibrationError(
             f"method {method!r} needs calibration data", "pass --calib DIR (a directory of .npz feeds)"
         )
-    b = _integer_bits(method, bits)
     passes = []
     if calibrated:
-        passes.append(_make("collect-stats", gradients=method == "vlmq"))
+        passes.append(_make("collect-stats", gradients=method in GRADIENT_METHODS))
+    if method.startswith("mgvq"):
+        passes += [
+            _make("assign-bits", bits=float(bits), uniform=method == "mgvq-no-alloc"),
+            _make("fit-codebooks"),
+            _make("compensate", lam=0.0 if method == "mgvq-no-grad" else 0.05),
+            _make("fuse-vq-gemm", form=form),
+        ]
+        return Recipe(method, tuple(passes))
+    b = _integer_bits(method, bits)
     if method == "rtn":
         passes.append(_make("quantize-rtn", bits=b))
     elif method == "kmeans-vq":

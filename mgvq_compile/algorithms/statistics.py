@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss"]
+__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss", "kronecker_scale"]
 
 
 @dataclasses.dataclass
@@ -91,3 +91,18 @@ def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
     if denominator <= 0.0:
         return float("nan")
     return float(((delta @ h) * delta).sum()) / denominator
+
+
+def kronecker_scale(stats: LayerStatistics) -> float:
+    """s with F ~ s * (H_O kron H_I), F = sum_t (g_t g_t^T) kron (x_t x_t^T) the empirical Fisher.
+
+    H_I and H_O are normalised averages, so their product lacks the Fisher's scale; matching traces,
+    tr F = sum_t |g_t|^2 |x_t|^2 = tr(h_i_sum), gives s = sum|x|^2 * sum|g|^2 / sum_t |g_t|^2 |x_t|^2
+    (about the number of tokens when the norms are uncorrelated).
+    """
+    if stats.h_i_sum is None:
+        return 1.0
+    fisher_trace = float(torch.trace(stats.h_i_sum))
+    if fisher_trace <= 0.0:
+        return 1.0
+    return stats.input_sq_total * stats.grad_sq_total / fisher_trace
