@@ -1,7 +1,9 @@
 """Timing check of the mgvq.VQGemm CPU kernel against ORT's MatMulNBits and a float32 MatMul.
 
-``python benchmarks/vq_gemm_cpu_timing.py [--n 4096] [--threads 2] [--rows 1]`` (build the library
-first: ``python custom_ops/build.py``). Prints the median time of each over many runs.
+``python benchmarks/vq_gemm_cpu_timing.py [--n 4096] [--threads 2] [--rows 1]`` (the library is built
+by ``pip install -e .``, or ``python custom_ops/build.py``). Prints the median time of each over many
+runs. MatMulNBits runs at accuracy_level 0 here (float compute); benchmarks/kernels.py also times
+accuracy_level 4 (int8 activations), ORT's fast path.
 """
 
 from __future__ import annotations
@@ -10,68 +12,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from mgvq_compile import runtime  # noqa: E402
-from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight  # noqa: E402
+from mgvq_compile import runtime
+from opbench import dense_model, median_ms, nbits_model, vq_model
 
 __all__ = ["main"]
-
-
-def _model(nodes, inits, n: int, m: int, rows: int, extra_opsets=()) -> bytes:
-    graph = helper.make_graph(
-        nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, m])], inits,
-    )
-    opsets = [helper.make_opsetid("", 18), *(helper.make_opsetid(d, 1) for d in extra_opsets)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 10
-    return model.SerializeToString()
-
-
-def vq_model(rng, n: int, m: int, rows: int, bits: int, d: int) -> bytes:
-    k = 1 << (bits * d)
-    group = VQGroup(0, n, bits, rng.standard_normal((k, d)).astype(np.float16), rng.integers(0, k, (m, n // d)))
-    weight = VQWeight(m, n, d, (group,), rng.permutation(n).astype(np.int32))
-    arrays = weight.stored_arrays()
-    node = helper.make_node(CUSTOM_OP, ["x", "perm", "codebooks", "codes"], ["y"], domain=CUSTOM_DOMAIN,
-                            **weight.node_attributes())
-    return _model([node], [numpy_helper.from_array(a, r) for r, a in arrays.items()], n, m, rows, [CUSTOM_DOMAIN])
-
-
-def nbits_model(rng, n: int, m: int, rows: int, bits: int, block: int) -> bytes:
-    blocks = n // block
-    packed = rng.integers(0, 256, (m, blocks, block * bits // 8), dtype=np.uint8)
-    scales = (rng.random((m, blocks)) * 0.01).astype(np.float32)
-    node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft",
-                            K=n, N=m, bits=bits, block_size=block)
-    inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "scales")]
-    return _model([node], inits, n, m, rows, ["com.microsoft"])
-
-
-def dense_model(rng, n: int, m: int, rows: int) -> bytes:
-    w = rng.standard_normal((n, m)).astype(np.float32)
-    return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w, "w")], n, m, rows)
-
-
-def median_ms(session: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
-    for _ in range(10):
-        session.run(None, {"x": x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

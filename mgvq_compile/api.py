@@ -20,6 +20,7 @@ from mgvq_compile.output import check_output_dir, graph_file_name, stored_initia
 from mgvq_compile.pipeline.context import CompileContext, CompileOptions
 from mgvq_compile.pipeline.manager import PassManager
 from mgvq_compile.recipes import Recipe, builtin_recipe
+from mgvq_compile.plots import require_matplotlib, write_plots
 from mgvq_compile.report import build_report
 
 __all__ = ["DEFAULT_METHOD", "CompileResult", "compile", "default_work_dir"]
@@ -124,23 +125,31 @@ def compile(
     example_inputs: Mapping[str, Any] | None = None,
     labels: str = "data",
     logits_name: str = "logits",
-    form: str = "decomposed",
+    portable: bool = False,
     overwrite: bool = False,
     work_dir: str | os.PathLike | None = None,
     resume: bool = True,
     device: str = "cpu",
     progress: bool | None = None,
+    options: Mapping[str, Any] | None = None,
+    plots: bool = False,
 ) -> CompileResult:
     """Quantize ``model`` and write ``output``/model.onnx (+ weights), recipe.yaml and report.json.
 
     ``model``: an .onnx path, an ``onnx_ir.Model``, a dict of named graphs, or a torch module with
     ``example_inputs``. ``calib``: a directory of .npz feeds, or a list of feeds. ``recipe``
-    (a Recipe or a YAML/JSON file) replaces the built-in recipe of ``method``.
+    (a Recipe or a YAML/JSON file) replaces the built-in recipe of ``method``. ``options`` overrides
+    pass options, keyed ``"pass-name.option"`` (e.g. ``{"compensate.lam": 0.1}``). ``plots`` also writes
+    bits-per-layer and error-per-layer PNGs next to report.json. The output runs its quantized layers
+    as ``mgvq.VQGemm`` nodes (open it with ``mgvq_compile.runtime.create_session``); ``portable=True``
+    writes standard ONNX ops instead, which stock ORT runs (slower, and dense in memory once loaded).
     """
     from mgvq_compile.recipes import load_recipe
 
     output = Path(output)
     check_output_dir(output, overwrite)
+    if plots:
+        require_matplotlib()
     if labels not in ("data", "model"):
         raise InputError(f"labels must be 'data' or 'model', got {labels!r}")
     if isinstance(recipe, (str, os.PathLike)):
@@ -148,7 +157,11 @@ def compile(
     graphs = _as_graphs(model, example_inputs)
     feeds = _load_calibration(calib)
     if recipe is None:
-        recipe = builtin_recipe(method, bits=bits, calibrated=feeds is not None, form=form)
+        recipe = builtin_recipe(method, bits=bits, calibrated=feeds is not None, portable=portable)
+    elif portable:
+        recipe = recipe.with_options({"fuse-vq-gemm.form": "decomposed"})
+    if options:
+        recipe = recipe.with_options(options)
     if recipe.needs_calibration and feeds is None:
         raise CalibrationError(
             f"recipe {recipe.method!r} collects calibration statistics but no calibration data was given",
@@ -194,6 +207,8 @@ def compile(
         )
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         write_json_atomic(tmp / "report.json", report)
+        if plots:
+            write_plots(report, tmp)
         report_box["report"] = report
 
     write_output_dir(output, graphs, write_extras, overwrite=overwrite)

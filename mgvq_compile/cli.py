@@ -7,9 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from mgvq_compile import __version__
-from mgvq_compile.errors import MgvqError
+from mgvq_compile.errors import MgvqError, RecipeError
 
 __all__ = ["main", "build_parser"]
 
@@ -33,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", metavar="FILE", help="a YAML/JSON recipe that replaces the method's built-in one")
     parser.add_argument("--save-recipe", metavar="FILE", help="write the resolved recipe to FILE (alone: without -o, only that)")
-    parser.add_argument("--form", choices=("decomposed", "custom"), default="decomposed",
-                        help="decomposed: standard ops any ORT runs (default); custom: mgvq.VQGemm nodes")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--portable", action="store_true",
+                      help="write standard ONNX ops that stock ORT runs, instead of mgvq.VQGemm nodes "
+                           "(those need mgvq_compile.runtime.create_session, or the library registered)")
+    form.add_argument("--form", choices=("custom", "decomposed"), help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="options",
+                        help="override a pass option of the recipe, e.g. --set compensate.lam=0.1 (repeatable)")
+    parser.add_argument("--plots", action="store_true", help="also write bits-per-layer and error-per-layer PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     parser.add_argument("--work-dir", metavar="DIR", help="where resumable artifacts are kept (default ~/.cache/mgvq-compile)")
     parser.add_argument("--no-resume", action="store_true", help="recompute everything, store nothing")
@@ -55,8 +64,20 @@ def _summary(report: dict) -> str:
     )
 
 
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["compensate.lam=0.1", ...]`` -> ``{"compensate.lam": 0.1}`` (values read as YAML scalars/lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {pair!r} is not PASS.OPTION=VALUE", "write it like --set compensate.lam=0.1")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    portable = args.portable or args.form == "decomposed"
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from mgvq_compile.api import compile as compile_model
@@ -65,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output is None and not args.save_recipe:
             raise MgvqError("no output directory given", "pass -o OUTDIR (or --save-recipe FILE to only write the recipe)")
+        options = _parse_options(args.options)
         recipe = load_recipe(args.recipe) if args.recipe else None
         if args.save_recipe and recipe is None:
-            recipe = builtin_recipe(args.method, bits=args.bits, calibrated=args.calib is not None, form=args.form)
+            recipe = builtin_recipe(args.method, bits=args.bits, calibrated=args.calib is not None, portable=portable)
+        if recipe is not None and options:
+            recipe, options = recipe.with_options(options), {}
         if args.save_recipe:
             Path(args.save_recipe).write_text(recipe.to_yaml())
             print(f"recipe written to {args.save_recipe}")
@@ -75,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         result = compile_model(
             args.model, method=args.method, bits=args.bits, calib=args.calib, output=args.output,
-            seed=args.seed, recipe=recipe, labels=args.labels, logits_name=args.logits, form=args.form,
+            seed=args.seed, recipe=recipe, labels=args.labels, logits_name=args.logits, portable=portable,
             overwrite=args.overwrite, work_dir=args.work_dir, resume=not args.no_resume,
-            progress=False if args.quiet else None,
+            progress=False if args.quiet else None, options=options, plots=args.plots,
         )
     except MgvqError as exc:
         if args.verbose:

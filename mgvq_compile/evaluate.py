@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mgvq_compile.calibration.data import next_token_labels, text_windows
+from mgvq_compile.runtime import create_session
 
 __all__ = [
     "ort_session",
@@ -27,11 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT session built from ``onnxruntime.SessionOptions()`` (CPU unless ``providers`` says otherwise)."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    """An ORT session (CPU unless ``providers`` says otherwise) with the mgvq custom ops registered, so
+    compiled models (``mgvq.VQGemm`` nodes) run as well as float and ``--portable`` ones."""
+    return create_session(path, providers=providers, threads=threads)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,33 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(p.needs_calibration for p in self.passes)
 
+    def with_options(self, options: Mapping[str, Any]) -> "Recipe":
+        """This recipe with pass options replaced, keyed ``"pass-name.option"`` (e.g. ``compensate.lam``);
+        ``"*.option"`` sets the option in every pass that has it (e.g. ``*.vector_dim``)."""
+        by_pass: dict[str, dict[str, Any]] = {}
+        names = [p.name for p in self.passes]
+        for key, value in options.items():
+            pass_name, _, option = key.partition(".")
+            if not option:
+                raise RecipeError(f"option {key!r} does not name a pass", "write it as PASS.OPTION, e.g. compensate.lam")
+            if pass_name == "*":
+                targets = [p.name for p in self.passes if option in {f.name for f in dataclasses.fields(p.config)}]
+                if not targets:
+                    raise RecipeError(f"no pass of recipe {self.method!r} has an option {option!r}")
+            elif pass_name not in names:
+                raise RecipeError(f"recipe {self.method!r} has no pass {pass_name!r}", f"its passes are: {', '.join(names)}")
+            else:
+                targets = [pass_name]
+            for target in targets:
+                by_pass.setdefault(target, {})[option] = value
+        passes = []
+        for p in self.passes:
+            if p.name in by_pass:
+                merged = {**p.config.to_dict(), **by_pass[p.name]}
+                p = type(p)(type(p.config).from_dict(merged, pass_name=p.name))
+            passes.append(p)
+        return Recipe(self.method, tuple(passes))
+
 
 def _make(name: str, **options: Any) -> Pass:
     cls = pass_class(name)
@@ -58,9 +86,11 @@ def _integer_bits(method: str, bits: float) -> int:
     return int(bits)
 
 
-def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "decomposed") -> Recipe:
+def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool = False) -> Recipe:
     """The recipe a method name stands for. With calibration data, statistics are collected (rtn and
-    kmeans-vq use them only for the report's proxy loss; vlmq also collects gradients, for H_I)."""
+    kmeans-vq use them only for the report's proxy loss; vlmq also collects gradients, for H_I).
+    ``portable``: end with standard ONNX ops that stock ORT runs, not ``mgvq.VQGemm`` nodes."""
+    fuse = _make("fuse-vq-gemm", form="decomposed" if portable else "custom")
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}", f"available methods: {', '.join(METHODS)}")
     if METHODS[method] and not calibrated:
@@ -75,7 +105,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "d
             _make("assign-bits", bits=float(bits), uniform=method == "mgvq-no-alloc"),
             _make("fit-codebooks"),
             _make("compensate", lam=0.0 if method == "mgvq-no-grad" else 0.05),
-            _make("fuse-vq-gemm", form=form),
+            fuse,
         ]
         return Recipe(method, tuple(passes))
     b = _integer_bits(method, bits)
@@ -89,7 +119,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, form: str = "d
         passes.append(_make("quantize-gptq", bits=b, hessian="importance"))
     else:
         passes.append(_make("quantize-gptvq", bits=b))
-    passes.append(_make("fuse-vq-gemm", form=form))
+    passes.append(fuse)
     return Recipe(method, tuple(passes))
 
 

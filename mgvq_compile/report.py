@@ -17,7 +17,7 @@ from mgvq_compile.pipeline.context import CompileContext
 
 __all__ = ["REPORT_VERSION", "build_report", "tool_versions"]
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def tool_versions() -> dict[str, str]:
@@ -32,6 +32,14 @@ def tool_versions() -> dict[str, str]:
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
+
+
+_COMMON_METRICS = ("skipped", "relative_weight_error")
+
+
+def _pass_metrics(metric: Mapping[str, Any]) -> dict[str, Any]:
+    """A quantizer pass's own per-layer numbers (e.g. proxy loss before compensation, codebook scope)."""
+    return {k: _finite(v) if isinstance(v, float) else v for k, v in metric.items() if k not in _COMMON_METRICS}
 
 
 def build_report(
@@ -50,6 +58,7 @@ def build_report(
     quantized = ctx.artifacts.get("quantized", {})
     metrics = ctx.artifacts.get("quant_metrics", {})
     stats = ctx.artifacts.get("stats", {})
+    allocation = ctx.artifacts.get("allocation", {})
     layers = []
     total_weights = total_bytes = total_index_bytes = 0
     for layer in ctx.layers:
@@ -80,6 +89,11 @@ def build_report(
                 relative_weight_error=metrics.get(layer.key, {}).get("relative_weight_error"),
                 proxy_loss=None,
             )
+            entry.update(_pass_metrics(metrics.get(layer.key, {})))
+            if layer.key in allocation:
+                plan = allocation[layer.key]
+                entry.update(sensitivity=[float(s) for s in plan.sensitivity],
+                             global_sensitivity=float(plan.global_sensitivity))
             if layer.key in stats:
                 w = torch.from_numpy(dense_weights[layer.key])
                 q = torch.from_numpy(weight.dequantize())

@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 def quantize_layers(
     ctx: CompileContext,
     desc: str,
-    quantize: Callable[[np.ndarray, LinearLayer], VQWeight | None],
+    quantize: Callable[[np.ndarray, LinearLayer], VQWeight | tuple[VQWeight, dict] | None],
 ) -> tuple[dict[str, VQWeight], dict[str, dict]]:
     """Apply ``quantize`` to every layer's W (float32 m x n), with per-layer resume and metrics.
 
     ``quantize`` returns None for a layer it cannot handle; that layer stays dense and is reported.
+    It may return ``(weight, extra_metrics)`` to add its own per-layer numbers to the report.
     """
     quantized: dict[str, VQWeight] = {}
     metrics: dict[str, dict] = {}
@@ -39,6 +40,9 @@ def quantize_layers(
             weight = weight_matrix(ctx.models[layer.graph], layer)
             result = quantize(weight, layer)
             metric = {"skipped": result is None}
+            if isinstance(result, tuple):
+                result, extra = result
+                metric.update(extra)
             if result is not None:
                 error = result.dequantize() - weight
                 metric["relative_weight_error"] = float(np.linalg.norm(error) / max(np.linalg.norm(weight), 1e-30))

@@ -25,13 +25,16 @@ PERM_BITS = 32  # the column permutation is stored as int32
 @dataclasses.dataclass(frozen=True)
 class LayerAllocation:
     perm: torch.Tensor  # int64 [n]: permuted column j is original column perm[j]
+    vector_dim: int  # group widths are multiples of it; codebooks and rounding use it
     bounds: list[int]
     bits: list[int]
+    sensitivity: list[float]  # S_g per channel group, the allocation's loss weights
+    global_sensitivity: float
 
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 1
+    VERSION = 3
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     vector_dim: int = 4
@@ -68,8 +71,9 @@ class AssignBits(Pass):
             h_o = layer_stats.h_o if layer_stats.h_o is not None else torch.ones(m)
             scores = local_sensitivity(w, h)
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
-            sensitivities = group_sensitivities(scores, perm, bounds, global_sensitivity(h, h_o, w))
-            layouts[layer.key] = (perm, bounds)
+            layer_global = global_sensitivity(h, h_o, w)
+            sensitivities = group_sensitivities(scores, perm, bounds, layer_global)
+            layouts[layer.key] = (perm, bounds, sensitivities, layer_global)
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
                 fixed = PERM_BITS * n if index == 0 else 0
                 specs.append(GroupSpec(m * (stop - start), sensitivities[index], cfg.vector_dim, fixed))
@@ -82,8 +86,9 @@ class AssignBits(Pass):
             widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits)
         summary = summarize_allocation(specs, widths)
         allocation = {}
-        for key, (perm, bounds) in layouts.items():
-            allocation[key] = LayerAllocation(perm, bounds, [widths[i] for i, (k, _g) in enumerate(owners) if k == key])
+        for key, (perm, bounds, sensitivities, layer_global) in layouts.items():
+            bits = [widths[i] for i, (k, _g) in enumerate(owners) if k == key]
+            allocation[key] = LayerAllocation(perm, cfg.vector_dim, bounds, bits, sensitivities, layer_global)
         logger.info("allocated %.4f stored bits/weight (%.4f in indices) for a budget of %.4f",
                     summary.bits_per_weight, summary.index_bits_per_weight, cfg.bits)
         return PassResult({"allocation": allocation}, {"bits_per_weight": summary.bits_per_weight})

@@ -8,9 +8,17 @@ import dataclasses
 import numpy as np
 import torch
 
-from mgvq_compile.algorithms.gptq import block_ldlq, newton_shifted_target
-from mgvq_compile.algorithms.kmeans import assign_nearest
-from mgvq_compile.algorithms.statistics import kronecker_scale
+from mgvq_compile.algorithms.gptq import (
+    block_ldlq,
+    block_ldlq_two_sided,
+    hessian_norm,
+    ldlq_block_metrics,
+    newton_step,
+    trust_region_target,
+)
+from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
+from mgvq_compile.algorithms.statistics import kronecker_scale, proxy_loss
+from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import quantize_layers
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
@@ -21,10 +29,28 @@ __all__ = ["CompensateConfig", "Compensate"]
 
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig(PassConfig):
-    VERSION = 1
-    lam: float = 0.05  # Newton step toward -H_O^-1 G H_I^-1; 0 = plain second-order rounding
-    vector_dim: int = 4
+    VERSION = 5
+    # How far the rounding target moves along the Newton direction -H_O^-1 G H_I^-1, as a fraction of
+    # the weights' H_I-norm (a trust radius); 0 = plain second-order rounding toward W.
+    lam: float = 0.05
     damp_rel: float = 0.01
+    two_sided: bool = False  # BlockLDLQ under H_O (x) H_I (a slow reference loop over rows)
+    block_metric: bool = True  # nearest codeword in the metric of each block's LDL pivot, not Euclidean
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise RecipeError(f"compensate lam must be >= 0, got {self.lam}")
+
+
+def _nearest_codewords(w: torch.Tensor, books: list[torch.Tensor], block_group: np.ndarray, d: int) -> torch.Tensor:
+    """W rounded vector by vector to its group's nearest codeword, without error feedback."""
+    out = torch.empty_like(w, dtype=torch.float32)
+    for group in np.unique(block_group):
+        blocks = np.flatnonzero(block_group == group)
+        cols = slice(int(blocks[0]) * d, (int(blocks[-1]) + 1) * d)
+        vectors = w[:, cols].reshape(-1, d).to(torch.float32)
+        out[:, cols] = books[group][assign_nearest(vectors, books[group])].reshape(w.shape[0], -1)
+    return out
 
 
 @register_pass
@@ -36,37 +62,54 @@ class Compensate(Pass):
 
     def run(self, ctx) -> PassResult:
         cfg = self.config
-        d = cfg.vector_dim
         stats, allocation, codebooks = (ctx.artifacts[k] for k in ("stats", "allocation", "codebooks"))
 
         def quantize(weight: np.ndarray, layer: LinearLayer) -> VQWeight | None:
             if layer.key not in allocation:
                 return None
             plan, books = allocation[layer.key], codebooks[layer.key]
+            d = plan.vector_dim
             m, n = weight.shape
             layer_stats = stats[layer.key]
             h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
             w = torch.from_numpy(weight).to(torch.float64)
+            extra = {"codebook_scope": "layer-group"}
             if cfg.lam > 0 and layer_stats.gradient is not None:
-                # The Newton step uses the Fisher's own scale: (s H_O)^-1 G H_I^-1.
-                step = cfg.lam / kronecker_scale(layer_stats)
-                w = newton_shifted_target(w, layer_stats.gradient, h, layer_stats.h_o, lam=step, damp_rel=cfg.damp_rel)
+                step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.damp_rel)
+                # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw
+                # formula would move the weights (reported, so the trust radius can be judged).
+                extra["newton_step_relative_norm"] = (
+                    hessian_norm(step, h) / kronecker_scale(layer_stats) / max(hessian_norm(w, h), 1e-30))
+                w = trust_region_target(w, step, h, radius=cfg.lam)
             perm = plan.perm
             block_group = np.repeat(np.arange(len(plan.bits)), np.diff(plan.bounds) // d)
             centroid_sets = [torch.from_numpy(b.astype(np.float32)) for b in books]
-            codes = torch.empty(m, n // d, dtype=torch.int64)
+            h_perm = h[perm][:, perm]
+            block_metrics = ldlq_block_metrics(h_perm, d, damp_rel=cfg.damp_rel) if cfg.block_metric else None
 
             def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
                 book = centroid_sets[block_group[block]]
-                chosen = assign_nearest(targets.to(torch.float32), book)
-                codes[:, block] = chosen
+                if block_metrics is None:
+                    chosen = assign_nearest(targets.to(torch.float32), book)
+                else:
+                    chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
                 return book[chosen].to(targets.dtype)
 
-            block_ldlq(w[:, perm], h[perm][:, perm], assign, d=d, damp_rel=cfg.damp_rel)
+            before = _nearest_codewords(torch.from_numpy(weight)[:, perm], centroid_sets, block_group, d)
+            if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
+                q = block_ldlq_two_sided(w[:, perm], h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
+            else:
+                q = block_ldlq(w[:, perm], h_perm, assign, d=d, damp_rel=cfg.damp_rel)
             groups = []
             for index, ((start, stop), bits) in enumerate(zip(zip(plan.bounds, plan.bounds[1:]), plan.bits)):
-                groups.append(VQGroup(start, stop, bits, books[index], codes[:, start // d : stop // d].numpy()))
-            return VQWeight(m, n, d, tuple(groups), perm.numpy().astype(np.int32))
+                # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
+                vectors = q[:, start:stop].reshape(-1, d).to(torch.float32)
+                codes = assign_nearest(vectors, centroid_sets[index]).reshape(m, -1)
+                groups.append(VQGroup(start, stop, bits, books[index], codes.numpy()))
+            result = VQWeight(m, n, d, tuple(groups), perm.numpy().astype(np.int32))
+            original = torch.from_numpy(weight)
+            extra["proxy_loss_before_compensation"] = proxy_loss(original[:, perm], before, layer_stats.h_x[perm][:, perm])
+            return result, extra
 
         quantized, metrics = quantize_layers(ctx, f"compensate (lam={cfg.lam})", quantize)
         return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})

@@ -18,8 +18,7 @@ __all__ = ["FitCodebooksConfig", "FitCodebooks", "vector_weights"]
 
 @dataclasses.dataclass(frozen=True)
 class FitCodebooksConfig(PassConfig):
-    VERSION = 1
-    vector_dim: int = 4
+    VERSION = 2
     iterations: int = 10
     fit_sample: int = 16384
 
@@ -41,7 +40,6 @@ class FitCodebooks(Pass):
 
     def run(self, ctx) -> PassResult:
         cfg = self.config
-        d = cfg.vector_dim
         stats, allocation = ctx.artifacts["stats"], ctx.artifacts["allocation"]
         codebooks: dict[str, list[np.ndarray]] = {}
         for layer in ctx.progress([l for l in ctx.layers if l.key in allocation], desc="codebooks"):
@@ -50,7 +48,7 @@ class FitCodebooks(Pass):
                 codebooks[layer.key] = torch.load(checkpoint, weights_only=False)
                 continue
             plan = allocation[layer.key]
-            m = layer.out_features
+            d, m = plan.vector_dim, layer.out_features
             w = torch.from_numpy(weight_matrix(ctx.models[layer.graph], layer))[:, plan.perm]
             layer_stats = stats[layer.key]
             h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x

@@ -7,7 +7,10 @@ from mgvq_compile.algorithms.gptq import (
     block_ldlq_two_sided,
     gptq_quantize,
     ldlq_block_metrics,
+    hessian_norm,
     newton_shifted_target,
+    newton_step,
+    trust_region_target,
 )
 from mgvq_compile.algorithms.hessian import cholesky_inverse_upper, damp, dead_inputs
 from mgvq_compile.algorithms.kmeans import assign_nearest
@@ -308,3 +311,29 @@ def test_newton_target_descends_and_reduces_first_plus_second_order_proxy():
             target = newton_shifted_target(w, g, h_in, lam=lam)
             losses.append(proxy(block_ldlq(target, h_in, assign, d=1)))
         assert losses[1] < losses[0] and losses[2] < losses[0], (seed, losses)
+
+
+def test_trust_region_target_moves_by_the_radius_along_the_newton_direction():
+    w, h_in, _ = correlated_layer(16, 64, 30)
+    g = torch.randn(16, 64, generator=torch.Generator().manual_seed(3), dtype=F64) @ h_in
+    h_out = random_spd(16, 31)
+    step = newton_step(g, h_in, h_out)
+    assert torch.allclose(w - step, newton_shifted_target(w, g, h_in, h_out, lam=1.0))
+    for radius in (0.01, 0.1):
+        target = trust_region_target(w, step, h_in, radius=radius)
+        assert hessian_norm(target - w, h_in) == pytest.approx(radius * hessian_norm(w, h_in), rel=1e-9)
+        assert float((g * (target - w)).sum()) < 0  # still a descent direction
+    assert torch.equal(trust_region_target(w, step, h_in, radius=0.0), w)
+
+
+def test_assign_in_metric_is_the_brute_force_argmin():
+    from mgvq_compile.algorithms.kmeans import assign_in_metric
+
+    gen = torch.Generator().manual_seed(5)
+    vectors, centroids = torch.randn(300, 4, generator=gen), torch.randn(32, 4, generator=gen)
+    a = torch.randn(4, 4, generator=gen, dtype=F64)
+    metric = a @ a.T + 0.1 * torch.eye(4, dtype=F64)
+    diff = (vectors[:, None, :] - centroids[None, :, :]).to(F64)
+    brute = torch.einsum("vki,ij,vkj->vk", diff, metric, diff).argmin(dim=1)
+    assert torch.equal(assign_in_metric(vectors, centroids, metric), brute)
+    assert not torch.equal(brute, assign_nearest(vectors, centroids))  # the metric matters here

@@ -1,12 +1,12 @@
 """compile() takes a torch / transformers model with example inputs and captures it itself."""
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 import mgvq_compile
 from mgvq_compile.errors import InputError
+from mgvq_compile.runtime import create_session
 from _models import tiny_llama
 
 
@@ -16,7 +16,7 @@ def test_compile_a_transformers_model(tmp_path):
                                   resume=False, progress=False)
     names = {layer["name"] for layer in result.report["layers"]}
     assert "model.layers.0.self_attn.q_proj.weight" in names  # module paths survive capture
-    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    session = create_session(tmp_path / "out" / "model.onnx")
     (logits,) = session.run(["logits"], {"input_ids": inputs["input_ids"].numpy()})
     with torch.no_grad():
         expected = model(**inputs).logits.numpy()

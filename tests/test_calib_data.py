@@ -251,3 +251,16 @@ def test_wer():
     assert wer("a b c d", "a c d e f") == pytest.approx(3 / 4)  # one deletion, two insertions
     assert word_errors("", "") == (0, 0) and wer("", "") == 0.0 and wer("", "x") == 1.0
     assert normalize_transcript("Twenty-one, isn't it?") == ["twenty", "one", "isn't", "it"]
+
+
+def test_novel_sentences_are_seeded_clean_and_bounded():
+    from mgvq_compile.calibration.data import novel_sentences
+
+    text = read_novel("sense_and_sensibility")
+    first = novel_sentences(text, 12, seed=3)
+    assert first == novel_sentences(text, 12, seed=3) and first != novel_sentences(text, 12, seed=4)
+    for sentence in first:
+        assert 6 <= len(sentence.split()) <= 20 and sentence[0].isupper() and sentence[-1] in ".!?"
+        assert '"' not in sentence and "\n" not in sentence
+    with pytest.raises(CalibrationError, match="usable sentences"):
+        novel_sentences("Too short. Also short.", 1, seed=0)

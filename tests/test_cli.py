@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 import mgvq_compile
 from mgvq_compile.cli import main
+from mgvq_compile.runtime import create_session
 from onnx_builders import save_mlp
 from vq_helpers import dequantized_weights
 
@@ -60,13 +61,37 @@ def test_compiles_foreign_onnx_without_calibration(tmp_path, mlp, method):
     stored = sum(v for k, v in sizes.items() if ".vq." in k and k.rsplit(".", 1)[-1] in ("codebooks", "codes", "perm", "scales"))
     assert report["summary"]["stored_bytes"] == stored
     assert report["summary"]["bits_per_weight"] == pytest.approx(stored * 8 / report["summary"]["quantized_weights"])
+    assert sum(n.domain == "mgvq" for n in proto.graph.node) == 3  # the custom op is the default
     x = np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)
-    (y,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})
+    (y,) = create_session(out / "model.onnx").run(None, {"x": x})
     reference = dense_reference(mlp, out)
     (y_ref,) = ort.InferenceSession(reference.SerializeToString()).run(None, {"x": x})
     assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 1e-5
     (y_fp,) = ort.InferenceSession(str(mlp)).run(None, {"x": x})
     assert not np.allclose(y, y_fp)  # it really was quantized
+
+
+@pytest.mark.parametrize("flag", ["--portable", "--form=decomposed"])
+def test_portable_output_runs_in_stock_ort(tmp_path, mlp, flag):
+    assert run_cli(mlp, "--method", "kmeans-vq", flag, "-o", tmp_path / "p", "--no-resume") == 0
+    proto = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert [o.domain for o in proto.opset_import] == [""]
+    recipe = (tmp_path / "p" / "recipe.yaml").read_text()
+    assert "form: decomposed" in recipe
+    assert run_cli(mlp, "--method", "kmeans-vq", "-o", tmp_path / "c", "--no-resume") == 0
+    x = np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)
+    (y_portable,) = ort.InferenceSession(str(tmp_path / "p" / "model.onnx")).run(None, {"x": x})
+    (y_custom,) = create_session(tmp_path / "c" / "model.onnx").run(None, {"x": x})
+    assert np.linalg.norm(y_portable - y_custom) / np.linalg.norm(y_custom) < 1e-5
+
+
+def test_portable_overrides_a_given_recipe(tmp_path, mlp):
+    recipe = tmp_path / "r.yaml"
+    assert run_cli(mlp, "--method", "rtn", "--save-recipe", recipe) == 0
+    assert "form: custom" in recipe.read_text()
+    assert run_cli(mlp, "--recipe", recipe, "--portable", "-o", tmp_path / "p", "--no-resume") == 0
+    assert "form: decomposed" in (tmp_path / "p" / "recipe.yaml").read_text()
 
 
 def test_same_recipe_and_seed_give_identical_bytes(tmp_path, mlp):

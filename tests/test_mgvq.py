@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
+import yaml
 
 from mgvq_compile.cli import main
+from mgvq_compile.plots import PLOT_FILES
+from mgvq_compile.runtime import create_session
 from onnx_builders import save_mlp
 from test_calibrated_compile import write_calib
 
@@ -16,7 +18,7 @@ def run_cli(*args) -> int:
     return main([*map(str, args), "-q"])
 
 
-def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
+def _mlp_with_calibration(tmp_path):
     mlp = save_mlp(tmp_path / "mlp.onnx", hidden=256, inputs=32 * 4, outputs=16)
     calib_dir = tmp_path / "calib"
     calib_dir.mkdir()
@@ -24,6 +26,12 @@ def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
     for i in range(3):
         np.savez(calib_dir / f"{i}.npz", x=rng.standard_normal((2, 8, 128)).astype(np.float32),
                  labels=rng.integers(0, 16, size=(2, 8)).astype(np.int64))
+    return mlp, calib_dir
+
+
+def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    rng = np.random.default_rng(1)
     reports = {}
     for method in ("mgvq", "mgvq-no-alloc", "mgvq-no-grad", "kmeans-vq"):
         out = tmp_path / method
@@ -31,10 +39,39 @@ def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
                        "--work-dir", tmp_path / "work") == 0, method
         reports[method] = json.loads((out / "report.json").read_text())
         x = rng.standard_normal((2, 8, 128)).astype(np.float32)
-        (y,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": x})
+        (y,) = create_session(out / "model.onnx").run(None, {"x": x})
         assert np.isfinite(y).all()
     for method in ("mgvq", "mgvq-no-alloc", "mgvq-no-grad"):
         summary = reports[method]["summary"]
         assert summary["bits_per_weight"] <= 2.0, (method, summary)  # everything stored counts
         assert all(len(layer["bits"]) == 4 for layer in reports[method]["layers"])
     assert len({tuple(layer["bits"]) for layer in reports["mgvq-no-alloc"]["layers"]}) == 1
+    for layer in reports["mgvq-no-grad"]["layers"]:
+        assert len(layer["sensitivity"]) == len(layer["bits"]) and layer["global_sensitivity"] > 0
+        assert layer["codebook_scope"] == "layer-group"
+    before = np.mean([layer["proxy_loss_before_compensation"] for layer in reports["mgvq-no-grad"]["layers"]])
+    after = np.mean([layer["proxy_loss"] for layer in reports["mgvq-no-grad"]["layers"]])
+    assert after < before, (before, after)  # second-order compensation lowers the proxy it minimises
+
+
+def test_set_overrides_pass_options_and_plots_are_written(tmp_path, capsys):
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
+                   "--set", "compensate.lam=0.2", "--set", "*.vector_dim=2", "--set", "assign-bits.groups=2",
+                   "--plots") == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    options = {p["pass"]: p for p in recipe["passes"]}
+    assert options["compensate"]["lam"] == 0.2 and options["assign-bits"]["groups"] == 2
+    assert all(p["vector_dim"] == 2 for p in recipe["passes"] if "vector_dim" in p)
+    report = json.loads((out / "report.json").read_text())
+    assert {layer["vector_dim"] for layer in report["layers"]} == {2}
+    assert all(len(layer["bits"]) == 2 for layer in report["layers"])
+    for name in PLOT_FILES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bad = tmp_path / "bad"
+    for option, message in (("compensate.nope=1", "has no option"), ("nopass.lam=1", "has no pass"),
+                            ("lam", "PASS.OPTION=VALUE")):
+        assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", bad, "--set", option) == 2
+        assert message in capsys.readouterr().err and not bad.exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import struct
 import time
@@ -24,6 +23,7 @@ from mgvq_compile.models import (
     read_ct2_model,
     whisper_feature_extractor,
 )
+from mgvq_compile.models.smollm2 import first_layers
 from mgvq_compile.models.whisper_ct2 import ct2_to_hf_state_dict, whisper_model_dir
 
 pytestmark = pytest.mark.real_model
@@ -190,12 +190,7 @@ def test_smollm2_perplexity_on_austen(smollm2):
 def test_causal_lm_export_and_ort_perplexity(smollm2, tmp_path):
     """The full export path on the real architecture, cut to 2 layers to keep the test fast."""
     model, tokenizer = smollm2
-    cfg = copy.deepcopy(model.config)
-    cfg.num_hidden_layers = 2
-    small = type(model)(cfg).eval()
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.") or
-             int(k.split(".")[2]) < 2}
-    small.load_state_dict(state, strict=True)
+    small = first_layers(model, 2)
     path = tmp_path / "lm.onnx"
     export_causal_lm_onnx(small, path, seq_len=16)
     session = ort_session(path)

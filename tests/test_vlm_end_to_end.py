@@ -1,5 +1,6 @@
-"""Each tiny VLM: captured, calibrated (with gradients), quantized at 2 bits with kmeans-vq, written in
-the decomposed form, and run by stock ORT, whose output equals torch with the same dequantized weights."""
+"""Each tiny VLM: captured, calibrated (with gradients), quantized at 2 bits with kmeans-vq, written with
+mgvq.VQGemm nodes (the default form), and run in ORT with the custom-op library, whose output equals
+torch with the same dequantized weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import mgvq_compile
 from mgvq_compile.capture.tiny_vlms import ARCHITECTURES, tiny_vlm
 from mgvq_compile.calibration.executor import GraphExecutor
 from mgvq_compile.capture.vlm import capture_vlm
+from mgvq_compile.runtime import create_session
 from vq_helpers import dequantized_weights
 
 GRADIENT_RECIPE = (
@@ -89,7 +91,7 @@ def test_vlm_compiles_and_runs_in_ort(tmp_path, arch):
     assert set(language.values()) == {"text"}, language
     assert set(vision.values()) == {"vision"}, vision
 
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = create_session(out / "model.onnx")
     (ort_logits,) = session.run(["logits"], feed)
 
     params = dict(model.named_parameters())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +16,13 @@ from mgvq_compile.errors import MgvqError
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQWeight, emit_decomposed_weight, vqgemm_reference
 from test_vqgemm import random_weight
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(scope="session")
-def library() -> str:
-    """Builds the library once per session (a no-op when it is up to date); skips only if that fails."""
-    spec = importlib.util.spec_from_file_location("mgvq_custom_ops_build", ROOT / "custom_ops" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    try:
-        return str(module.build())
-    except Exception as error:  # noqa: BLE001 - any build failure means the op cannot be tested here
-        pytest.skip(f"mgvq custom-op library could not be built ({error}); run python custom_ops/build.py")
+@pytest.fixture()
+def library(ops_library) -> str:
+    """The library conftest built for the session; these kernel tests skip where it could not be built."""
+    if ops_library is None:
+        pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
+    return ops_library
 
 
 @pytest.fixture()
@@ -203,8 +194,8 @@ def test_compiled_custom_form_runs_in_ort(session_for, tmp_path):
 
     mlp = save_mlp(tmp_path / "mlp.onnx", hidden=64, inputs=32)
     common = dict(method="kmeans-vq", bits=2, resume=False, progress=False)
-    mgvq_compile.compile(str(mlp), output=tmp_path / "dec", form="decomposed", **common)
-    mgvq_compile.compile(str(mlp), output=tmp_path / "cus", form="custom", **common)
+    mgvq_compile.compile(str(mlp), output=tmp_path / "dec", portable=True, **common)
+    mgvq_compile.compile(str(mlp), output=tmp_path / "cus", **common)  # custom op: the default
     x = np.random.default_rng(0).standard_normal((2, 8, 32)).astype(np.float32)
     (y_dec,) = ort.InferenceSession(str(tmp_path / "dec" / "model.onnx")).run(None, {"x": x})
     (y_cus,) = session_for(tmp_path / "cus" / "model.onnx").run(None, {"x": x})

@@ -32,6 +32,9 @@ __all__ = [
     "block_ldlq_two_sided",
     "ldlq_block_metrics",
     "newton_shifted_target",
+    "newton_step",
+    "trust_region_target",
+    "hessian_norm",
     "feedback_factor",
 ]
 
@@ -255,6 +258,42 @@ def _damped_solve_right(x: torch.Tensor, h: torch.Tensor, damp_rel: float) -> to
     return torch.cholesky_solve(x.T, chol).T
 
 
+def newton_step(
+    g: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor | None = None, *, damp_rel: float = 0.01
+) -> torch.Tensor:
+    """(H_O + dI)^-1 G (H_I + dI)^-1 (float64; H_O = I when None, a vector = diagonal)."""
+    step = _damped_solve_right(g.detach().to(torch.float64), h_in, damp_rel)  # G (H_I + dI)^-1
+    if h_out is not None:
+        h_out = h_out.detach().to(torch.float64)
+        if h_out.dim() == 1:
+            diag = torch.where(h_out > 0, h_out, torch.ones_like(h_out))
+            step = step / (diag + damp_rel * float(diag.mean()))[:, None]
+        else:
+            step = _damped_solve_right(step.T, h_out, damp_rel).T  # (H_O + dI)^-1 step
+    return step
+
+
+def hessian_norm(x: torch.Tensor, h: torch.Tensor) -> float:
+    """sqrt(tr(X H X^T)) for X [m, n] and H [n, n]."""
+    x64 = x.to(torch.float64)
+    return math.sqrt(max(float(((x64 @ h.to(torch.float64)) * x64).sum()), 0.0))
+
+
+def trust_region_target(w: torch.Tensor, step: torch.Tensor, h_in: torch.Tensor, *, radius: float) -> torch.Tensor:
+    """W - c * step with c chosen so the shift's H_I-norm is ``radius`` times W's (float64).
+
+    The raw Newton step from calibration statistics is unusable at its natural length: the damped
+    inverse of a nearly low-rank H_O amplifies G by orders of magnitude (on SmolLM2-135M it moves W by
+    tens of times its own norm). Only its direction is kept; ``radius`` bounds how far the rounding
+    target moves, relative to the weights, in the metric the rounding minimises.
+    """
+    w64 = w.detach().to(torch.float64)
+    step_norm = hessian_norm(step, h_in)
+    if radius == 0.0 or step_norm == 0.0:
+        return w64.clone()
+    return w64 - (radius * hessian_norm(w64, h_in) / step_norm) * step.to(torch.float64)
+
+
 def newton_shifted_target(
     w: torch.Tensor,
     g: torch.Tensor,
@@ -268,14 +307,7 @@ def newton_shifted_target(
     w64 = w.detach().to(torch.float64)
     if lam == 0.0:
         return w64.clone()
-    step = _damped_solve_right(g.detach().to(torch.float64), h_in, damp_rel)  # G (H_I + dI)^-1
-    if h_out is not None:
-        h_out = h_out.detach().to(torch.float64)
-        if h_out.dim() == 1:
-            diag = torch.where(h_out > 0, h_out, torch.ones_like(h_out))
-            step = step / (diag + damp_rel * float(diag.mean()))[:, None]
-        else:
-            step = _damped_solve_right(step.T, h_out, damp_rel).T  # (H_O + dI)^-1 step
+    step = newton_step(g, h_in, h_out, damp_rel=damp_rel)
     target = w64 - lam * step
     first_order = float((g.to(torch.float64) * (target - w64)).sum())
     if first_order >= 0.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kmeans_plus_plus_init", "assign_nearest", "kmeans"]
+__all__ = ["kmeans_plus_plus_init", "assign_nearest", "assign_in_metric", "kmeans"]
 
 _CHUNK = 65536
 
@@ -19,6 +19,13 @@ def assign_nearest(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
         distances = torch.addmm(centroid_sq, chunk, centroids.T, alpha=-2.0)
         out[start : start + _CHUNK] = distances.argmin(dim=1)
     return out
+
+
+def assign_in_metric(vectors: torch.Tensor, centroids: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid under (v - c)^T M (v - c), M SPD [d, d]: with M = L L^T this is the
+    Euclidean distance between v L and c L."""
+    chol = torch.linalg.cholesky(metric.to(torch.float64)).to(vectors.dtype)
+    return assign_nearest(vectors @ chol, centroids.to(vectors.dtype) @ chol)
 
 
 def kmeans_plus_plus_init(vectors: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

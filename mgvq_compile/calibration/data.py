@@ -27,6 +27,7 @@ __all__ = [
     "NOVELS",
     "data_dir",
     "read_novel",
+    "novel_sentences",
     "next_token_labels",
     "window_starts",
     "text_windows",
@@ -120,6 +121,24 @@ def _prepare_out_dir(out_dir: str | os.PathLike, names: Sequence[str]) -> Path:
     if stale:
         logger.info("removed %d stale feeds from %s", len(stale), out)
     return out
+
+
+def novel_sentences(text: str, n: int, *, seed: int, min_words: int = 6, max_words: int = 20) -> list[str]:
+    """``n`` sentences of ``text`` with ``min_words``..``max_words`` words, chosen by ``seed``, in text order.
+
+    Sentences end at ``.``, ``!`` or ``?``; line breaks and repeated spaces are collapsed, and sentences
+    with quotes, brackets or digits are skipped (speech synthesis reads them ambiguously).
+    """
+    flat = re.sub(r"\s+", " ", text.replace("_", ""))
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", flat)]
+    usable = [s for s in sentences
+              if min_words <= len(s.split()) <= max_words and s[0].isupper()
+              and not re.search(r"[\"'()\[\]\d;:]|--|\b(Mr|Mrs|Dr|St)\.$", s)]
+    if len(usable) < n:
+        raise CalibrationError(f"the text has {len(usable)} usable sentences, fewer than the {n} asked for",
+                               "ask for fewer sentences or allow more words per sentence")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(usable), size=n, replace=False))
+    return [usable[i] for i in chosen]
 
 
 def _file_names(n: int) -> list[str]:

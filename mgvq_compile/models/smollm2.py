@@ -6,6 +6,7 @@ we ever see them: results on this model are "from Q4_1".
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -15,7 +16,7 @@ import torch
 
 from mgvq_compile.errors import InputError
 
-__all__ = ["GGUF_FILE", "smollm2_gguf_path", "load_smollm2", "export_causal_lm_onnx", "save_onnx"]
+__all__ = ["GGUF_FILE", "smollm2_gguf_path", "load_smollm2", "first_layers", "export_causal_lm_onnx", "save_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,21 @@ def load_smollm2():
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     logger.info("loaded SmolLM2 (%d params) from %s", sum(p.numel() for p in model.parameters()), path)
     return model, tokenizer
+
+
+def first_layers(model, layers: int):
+    """A copy of a decoder-only transformers model cut to its first ``layers`` blocks (same weights,
+    same embedding and head): the real architecture at a fraction of the cost, for tests and smoke runs."""
+    total = model.config.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise InputError(f"cannot keep {layers} of the model's {total} layers", f"pass 1 to {total}")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    small = type(model)(config).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    small.load_state_dict(state, strict=True)
+    return small
 
 
 def save_onnx(model, path: str | os.PathLike) -> None:

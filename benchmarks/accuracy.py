@@ -1,0 +1,252 @@
+"""Accuracy of every method on the two real models, at the same total bits per weight.
+
+    python benchmarks/accuracy.py [--models smollm2 whisper] [--methods ...] [--bits 2 3] [--seeds 0 1 2]
+                                  [--set PASS.OPTION=VALUE ...] [--tag NAME] [--work DIR]
+
+- SmolLM2-135M: calibrate on windows of Pride and Prejudice, perplexity on Sense and Sensibility (ORT).
+- Whisper tiny.en: calibrate on espeak-ng speech of Pride and Prejudice sentences; WER and teacher-forced
+  NLL on speech of Sense and Sensibility sentences (ORT).
+
+A seed picks the calibration samples and seeds every stochastic step of the compile. Each run is one
+``mgvq-compile`` subprocess (its compile time and peak resident memory are recorded) and its result is
+kept under ``--work``/runs, so an interrupted benchmark resumes where it stopped. Writes
+``benchmarks/results/accuracy{-TAG}.json`` and ``.md`` (mean and spread over seeds), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ALL_METHODS = ("rtn", "gptq", "vlmq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
+CALIBRATION_NOVEL = "pride_and_prejudice"
+EVALUATION_NOVEL = "sense_and_sensibility"
+
+# Runs one compile in this interpreter and reports its peak resident memory on stderr.
+_COMPILE_SNIPPET = (
+    "import resource, sys; from mgvq_compile.cli import main; rc = main(sys.argv[1:]); "
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    seq_len: int = 128
+    calib_windows: int = 32
+    eval_windows: int = 32
+    whisper_decoder_len: int = 48
+    whisper_calib_sentences: int = 32
+    whisper_eval_sentences: int = 16
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    fp_path: Path
+    calib_dir: Path
+    evaluate: Callable[[Path], dict]  # model.onnx -> metrics
+    primary: str  # the metric the table leads with
+
+
+def _smollm2(work: Path, seed: int, s: Settings) -> ModelSetup:
+    from mgvq_compile.calibration.data import read_novel, write_text_calibration
+    from mgvq_compile.evaluate import perplexity_ort
+    from mgvq_compile.models.smollm2 import export_causal_lm_onnx, load_smollm2
+
+    fp_path = work / f"smollm2-fp32-seq{s.seq_len}" / "model.onnx"
+    calib_dir = work / f"smollm2-calib-{s.calib_windows}x{s.seq_len}-seed{seed}"
+    model, tokenizer = load_smollm2()
+    if not fp_path.exists():
+        fp_path.parent.mkdir(parents=True, exist_ok=True)
+        export_causal_lm_onnx(model, fp_path, seq_len=s.seq_len)
+    if not calib_dir.exists():
+        write_text_calibration(calib_dir, tokenizer, read_novel(CALIBRATION_NOVEL), seq_len=s.seq_len,
+                               n_samples=s.calib_windows, seed=seed)
+    text = read_novel(EVALUATION_NOVEL)
+
+    def evaluate(path: Path) -> dict:
+        return {"perplexity": perplexity_ort(path, tokenizer, text, seq_len=s.seq_len, max_windows=s.eval_windows)}
+
+    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity")
+
+
+def _whisper(work: Path, seed: int, s: Settings) -> ModelSetup:
+    from mgvq_compile.calibration.data import novel_sentences, read_novel, write_speech_calibration
+    from mgvq_compile.evaluate import whisper_eval_ort
+    from mgvq_compile.models.whisper_ct2 import export_whisper_onnx, load_whisper_tiny_en, whisper_feature_extractor
+
+    fp_path = work / f"whisper-fp32-dec{s.whisper_decoder_len}" / "model.onnx"
+    calib_dir = work / f"whisper-calib-{s.whisper_calib_sentences}-seed{seed}"
+    model, tokenizer = load_whisper_tiny_en()
+    if not fp_path.exists():
+        fp_path.parent.mkdir(parents=True, exist_ok=True)
+        export_whisper_onnx(model, fp_path, decoder_len=s.whisper_decoder_len)
+    if not calib_dir.exists():
+        sentences = novel_sentences(read_novel(CALIBRATION_NOVEL), s.whisper_calib_sentences, seed=seed)
+        write_speech_calibration(calib_dir, whisper_feature_extractor(), tokenizer, sentences,
+                                 decoder_len=s.whisper_decoder_len)
+    references = novel_sentences(read_novel(EVALUATION_NOVEL), s.whisper_eval_sentences, seed=1234)
+
+    def evaluate(path: Path) -> dict:
+        result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
+        return {"wer": result["wer"], "nll": result["nll"]}
+
+    return ModelSetup(fp_path, calib_dir, evaluate, "wer")
+
+
+MODELS = {"smollm2": _smollm2, "whisper": _whisper}
+
+
+def _compile(setup: ModelSetup, out: Path, method: str, bits: float, seed: int, options: list[str]) -> dict:
+    cmd = [sys.executable, "-c", _COMPILE_SNIPPET, str(setup.fp_path), "-o", str(out), "--method", method,
+           "--bits", f"{bits:g}", "--calib", str(setup.calib_dir), "--seed", str(seed), "--overwrite", "-q"]
+    for option in options:
+        cmd += ["--set", option]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+    peak_kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "compile_s": round(seconds, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "bits_per_weight": report["summary"]["bits_per_weight"],
+        "index_bits_per_weight": report["summary"]["index_bits_per_weight"],
+        "files_mb": round(sum(report["summary"]["files"].get(f, 0) for f in report["summary"]["files"]
+                              if f.startswith("model.onnx")) / 1e6, 1),
+        "command": shlex.join(cmd[3:]),
+    }
+
+
+def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
+             options: list[str], tag: str) -> dict:
+    key = f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
+    record_path = work / "runs" / f"{key}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    out = work / "models" / key
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "method": method, "bits": bits, "seed": seed, "options": options}
+    record.update(_compile(setup, out, method, bits, seed, options))
+    record.update(setup.evaluate(out / "model.onnx"))
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_path)
+    return record
+
+
+def _reference(work: Path, setup: ModelSetup, model: str) -> dict:
+    path = work / "runs" / f"{model}-fp32.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    files = sorted(setup.fp_path.parent.glob("model.onnx*"))
+    record = {"model": model, "method": "fp32", "bits": 32, "seed": None,
+              "files_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1), **setup.evaluate(setup.fp_path)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (model, method, bits): metrics as mean/std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["method"], r["bits"]), []).append(r)
+    rows = []
+    for (model, method, bits), runs in groups.items():
+        row = {"model": model, "method": method, "bits": bits, "seeds": [r["seed"] for r in runs]}
+        for metric in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb"):
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            if values:
+                row[metric] = _spread(values)
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, metric: str, digits: int) -> str:
+    if metric not in row:
+        return ""
+    v = row[metric]
+    return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if len(v["values"]) > 1 else f"{v['mean']:.{digits}f}"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        metrics = [("perplexity", 2)] if model == "smollm2" else [("wer", 3), ("nll", 3)]
+        names = [m for m, _ in metrics]
+        lines += [f"### {model}", "",
+                  "| method | bits | seeds | " + " | ".join(names) + " | stored bits/weight | files MB | compile s | peak RSS MB |",
+                  "|---" * (7 + len(names)) + "|"]
+        for r in (r for r in rows if r["model"] == model):
+            cells = [_cell(r, m, d) for m, d in metrics]
+            lines.append(f"| {r['method']} | {r['bits']:g} | {len(r['seeds'])} | " + " | ".join(cells)
+                         + f" | {_cell(r, 'bits_per_weight', 3)} | {_cell(r, 'files_mb', 1)} | "
+                         f"{_cell(r, 'compile_s', 0)} | {_cell(r, 'peak_rss_mb', 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["smollm2", "whisper"])
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS))
+    parser.add_argument("--bits", nargs="+", type=float, default=[2.0, 3.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], dest="options", metavar="PASS.OPTION=VALUE",
+                        help="pass option for every mgvq-family run (e.g. compensate.lam=0.1)")
+    parser.add_argument("--tag", default="", help="names this variant's runs and result files")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "accuracy")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    args.work.mkdir(parents=True, exist_ok=True)
+    records = []
+    for model in args.models:
+        for seed in args.seeds:
+            setup = MODELS[model](args.work, seed, settings)
+            if seed == args.seeds[0]:
+                records.append(_reference(args.work, setup, model))
+            for bits in args.bits:
+                for method in args.methods:
+                    options = args.options if method.startswith("mgvq") else []
+                    record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag)
+                    records.append(record)
+                    shown = {k: record[k] for k in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s")
+                             if k in record}
+                    print(f"{model} {method} {bits:g}-bit seed {seed}: {shown}", flush=True)
+    rows = summarize(records)
+    stem = "accuracy" + (f"-{args.tag}" if args.tag else "")
+    command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    header = (f"## Accuracy at equal stored bits ({command})\n\nMachine: {platform.machine()}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}. Settings: "
+              + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {"command": command, "settings": dataclasses.asdict(settings), "rows": rows, "runs": records}, indent=1))
+    table = markdown(rows, header)
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

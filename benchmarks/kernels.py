@@ -1,0 +1,348 @@
+"""CPU kernel benchmark: mgvq.VQGemm against fp32 MatMul and ORT's MatMulNBits, and a SmolLM2-135M step.
+
+    python benchmarks/kernels.py [--threads 2] [--quick] [--work-dir benchmarks/work] [--out-dir benchmarks/results]
+
+1. Ops, one process: for each linear shape (out x in: 4096x4096, 4096x11008, 11008x4096 and
+   SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536) and batch 1 and 16: a float32 ``MatMul``,
+   ``com.microsoft.MatMulNBits`` at 4 and 2 bits (block 128; accuracy_level 0 = float compute, 4 = int8
+   activations) and ``mgvq.VQGemm`` at 2 and 3 bits (d = 4, one group, with a column permutation).
+   Median time of many runs, "warm" (back to back) and "cold" (the caches evicted before each run by
+   reading a buffer far larger than L3 on the same threads); effective GB/s = weight bytes / time, and
+   the cold rate as a fraction of the DRAM read bandwidth measured in the same run (ORT ReduceSum over
+   512 MiB, before and after the ops; the higher is used).
+2. End to end: SmolLM2-135M exported with seq_len=1 (a one-token forward: the same linear layers as a
+   decode step, attention over that one token, no KV cache), fp32 against kmeans-vq 2-bit (mgvq.VQGemm)
+   and the same 2-bit model in the portable form: step latency, tokens/s, file size, and the resident
+   memory growth of a fresh process that creates the session and runs it once; the check that the
+   memory saved matches the bytes saved. Exports and compiled models are cached in --work-dir.
+
+Writes ``kernels.json`` and ``kernels.md`` to --out-dir and prints the tables. ``--quick`` (a smoke
+run): two shapes, a few runs, SmolLM2 cut to 2 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mgvq_compile.errors import MgvqError
+from mgvq_compile.runtime import create_session
+from opbench import (
+    CacheFlusher,
+    copy_bandwidth_gbs,
+    dense_model,
+    initializer_nbytes,
+    nbits_model,
+    read_bandwidth_gbs,
+    session_rss_growth,
+    time_runs,
+    vq_model,
+)
+
+__all__ = ["main", "OPS", "SHAPES", "FULL", "QUICK", "add_ratios", "memory_check", "markdown_report"]
+
+HERE = Path(__file__).resolve().parent
+MB = 1e6
+
+# (out, in, what it is)
+SHAPES = (
+    (4096, 4096, "7B attention"),
+    (4096, 11008, "7B MLP down"),
+    (11008, 4096, "7B MLP gate/up"),
+    (576, 576, "SmolLM2 q/o proj"),
+    (192, 576, "SmolLM2 k/v proj"),
+    (1536, 576, "SmolLM2 gate/up proj"),
+    (576, 1536, "SmolLM2 down proj"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    name: str
+    build: Callable[[np.random.Generator, int, int, int], bytes]  # (rng, in, out, rows) -> model
+
+
+OPS = (
+    OpSpec("fp32 MatMul", dense_model),
+    OpSpec("MatMulNBits 4-bit acc0", lambda rng, n, m, rows: nbits_model(rng, n, m, rows, 4, 128, 0)),
+    OpSpec("MatMulNBits 4-bit acc4", lambda rng, n, m, rows: nbits_model(rng, n, m, rows, 4, 128, 4)),
+    OpSpec("MatMulNBits 2-bit acc0", lambda rng, n, m, rows: nbits_model(rng, n, m, rows, 2, 128, 0)),
+    OpSpec("MatMulNBits 2-bit acc4", lambda rng, n, m, rows: nbits_model(rng, n, m, rows, 2, 128, 4)),
+    OpSpec("VQGemm 2-bit", lambda rng, n, m, rows: vq_model(rng, n, m, rows, 2, 4)),
+    OpSpec("VQGemm 3-bit", lambda rng, n, m, rows: vq_model(rng, n, m, rows, 3, 4)),
+)
+BASELINE_OP = OPS[0].name
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    shapes: tuple[tuple[int, int, str], ...]
+    batches: tuple[int, ...]
+    warm: dict  # time_runs arguments
+    cold: dict
+    decode: dict
+    bandwidth_bytes: int
+    smollm2_layers: int | None  # None: all 30
+
+
+FULL = Settings(
+    shapes=SHAPES, batches=(1, 16),
+    warm=dict(min_runs=10, max_runs=2000, budget_s=0.5), cold=dict(min_runs=10, max_runs=60, budget_s=0.3),
+    decode=dict(min_runs=20, max_runs=1000, budget_s=5.0), bandwidth_bytes=512 << 20, smollm2_layers=None,
+)
+QUICK = Settings(
+    shapes=(SHAPES[0], SHAPES[6]), batches=(1, 16),
+    warm=dict(min_runs=3, max_runs=20, budget_s=0.05), cold=dict(min_runs=3, max_runs=5, budget_s=0.05),
+    decode=dict(min_runs=3, max_runs=20, budget_s=0.5), bandwidth_bytes=256 << 20, smollm2_layers=2,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+
+
+def measure_op(spec: OpSpec, out: int, inp: int, rows: int, threads: int, settings: Settings,
+               flush: Callable[[], None]) -> dict:
+    rng = np.random.default_rng(out * 7919 + inp * 31 + rows)
+    model = spec.build(rng, inp, out, rows)
+    weight_bytes = initializer_nbytes(model)
+    session = create_session(model, threads=threads)
+    feed = {"x": rng.standard_normal((rows, inp), dtype=np.float32)}
+    warm = time_runs(lambda: session.run(None, feed), **settings.warm)
+    cold = time_runs(lambda: session.run(None, feed), before_each=flush, **settings.cold)
+    return {
+        "out": out, "in": inp, "batch": rows, "op": spec.name, "weight_bytes": weight_bytes,
+        "warm_ms": warm.median_s * 1e3, "warm_min_ms": warm.min_s * 1e3, "warm_runs": warm.runs,
+        "cold_ms": cold.median_s * 1e3, "cold_min_ms": cold.min_s * 1e3, "cold_runs": cold.runs,
+        "warm_gbs": weight_bytes / warm.median_s / 1e9, "cold_gbs": weight_bytes / cold.median_s / 1e9,
+    }
+
+
+def run_ops(settings: Settings, threads: int, log: Callable[[str], None]) -> list[dict]:
+    flush = CacheFlusher(threads=threads)
+    rows = []
+    for out, inp, _what in settings.shapes:
+        for batch in settings.batches:
+            for spec in OPS:
+                row = measure_op(spec, out, inp, batch, threads, settings, flush)
+                log(f"{out}x{inp} batch {batch} {spec.name}: warm {row['warm_ms']:.3f} ms, cold {row['cold_ms']:.3f} ms")
+                rows.append(row)
+    return rows
+
+
+def add_ratios(rows: list[dict], bandwidth_gbs: float) -> list[dict]:
+    """Each row with ``cold_bw_fraction`` (cold GB/s over the DRAM read bandwidth) and
+    ``speedup_vs_fp32`` (warm time of the fp32 MatMul of its shape and batch over its own)."""
+    baseline = {(r["out"], r["in"], r["batch"]): r["warm_ms"] for r in rows if r["op"] == BASELINE_OP}
+    result = []
+    for row in rows:
+        fp32_ms = baseline.get((row["out"], row["in"], row["batch"]))
+        result.append({**row, "cold_bw_fraction": row["cold_gbs"] / bandwidth_gbs,
+                       "speedup_vs_fp32": None if fp32_ms is None else fp32_ms / row["warm_ms"]})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M, one token
+
+
+def _files_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.parent.glob(model.name + "*"))
+
+
+def export_fp32(path: Path, layers: int | None) -> None:
+    """SmolLM2 with seq_len=1, its weights in ``model.onnx.data`` like the compiler's outputs: ORT loads
+    both the same way, so their session memory differs only by the quantized layers."""
+    import onnx_ir as ir
+
+    from mgvq_compile.models.smollm2 import export_causal_lm_onnx, first_layers, load_smollm2
+
+    model, _tokenizer = load_smollm2()
+    inline = path.with_name("inline.onnx")
+    export_causal_lm_onnx(model if layers is None else first_layers(model, layers), inline, seq_len=1)
+    ir.save(ir.load(inline), path, external_data=f"{path.name}.data", size_threshold_bytes=1024)
+    inline.unlink()
+
+
+def prepare_smollm2(work_dir: Path, layers: int | None, log: Callable[[str], None]) -> dict[str, Path]:
+    """fp32, 2-bit (mgvq.VQGemm) and 2-bit portable one-token SmolLM2 models, built once into ``work_dir``."""
+    import mgvq_compile
+
+    tag = "smollm2-135m" if layers is None else f"smollm2-135m-{layers}layers"
+    fp32 = work_dir / f"{tag}-seq1-fp32" / "model.onnx"
+    if not fp32.with_name("model.onnx.data").exists():
+        log(f"exporting {fp32}")
+        export_fp32(fp32, layers)
+    models = {"fp32": fp32}
+    for label, portable in (("kmeans-vq 2-bit, mgvq.VQGemm", False), ("kmeans-vq 2-bit, portable", True)):
+        out = work_dir / f"{tag}-seq1-kmeans-vq-2bit{'-portable' if portable else ''}"
+        if not (out / "model.onnx").exists():
+            log(f"compiling {out}")
+            mgvq_compile.compile(str(fp32), method="kmeans-vq", bits=2, output=out, portable=portable,
+                                 work_dir=work_dir / "cache", overwrite=True, progress=False)
+        models[label] = out / "model.onnx"
+    return models
+
+
+def measure_decode(label: str, model: Path, threads: int, settings: Settings) -> dict:
+    session = create_session(model, threads=threads)
+    feed = {"input_ids": np.array([[1000]], np.int64)}
+    timing = time_runs(lambda: session.run(["logits"], feed), **settings.decode)
+    del session
+    rss = session_rss_growth(model, threads)
+    return {"model": label, "path": str(model), "file_bytes": _files_bytes(model), "step_ms": timing.median_s * 1e3,
+            "step_min_ms": timing.min_s * 1e3, "runs": timing.runs, "tokens_per_s": 1.0 / timing.median_s, **rss}
+
+
+def memory_check(fp32: dict, quantized: dict, tolerance: float = 0.15) -> dict:
+    """Does the session memory saved match the file bytes saved (within ``tolerance``)?"""
+    saved = fp32["file_bytes"] - quantized["file_bytes"]
+    drop = fp32["growth_bytes"] - quantized["growth_bytes"]
+    ratio = drop / saved if saved else float("nan")
+    return {"model": quantized["model"], "file_bytes_saved": saved, "rss_drop_bytes": drop,
+            "drop_over_saved": ratio, "matches": bool(abs(ratio - 1.0) <= tolerance), "tolerance": tolerance}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def _shape_label(out: int, inp: int) -> str:
+    what = next((w for o, i, w in SHAPES if (o, i) == (out, inp)), "")
+    return f"{out}x{inp}" + (f" ({what})" if what else "")
+
+
+def _op_table(rows: list[dict]) -> list[str]:
+    lines = ["| shape (out x in) | batch | op | weight MB | warm ms | warm best ms | cold ms | warm GB/s | cold GB/s | cold % of DRAM BW | speed-up vs fp32 (warm) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = "" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}x"
+        lines.append(
+            f"| {_shape_label(r['out'], r['in'])} | {r['batch']} | {r['op']} | {r['weight_bytes'] / MB:.2f} | "
+            f"{r['warm_ms']:.3f} | {r['warm_min_ms']:.3f} | {r['cold_ms']:.3f} | {r['warm_gbs']:.1f} | {r['cold_gbs']:.1f} | "
+            f"{100 * r['cold_bw_fraction']:.0f}% | {speedup} |"
+        )
+    return lines
+
+
+def _decode_table(rows: list[dict], checks: list[dict]) -> list[str]:
+    lines = ["| model (one-token forward, batch 1) | files MB | step ms | best step ms | tokens/s | session RSS growth MB | peak RSS growth MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['file_bytes'] / MB:.1f} | {r['step_ms']:.2f} | {r['step_min_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['growth_bytes'] / MB:.1f} | {r['peak_growth_bytes'] / MB:.1f} |")
+    lines.append("")
+    for c in checks:
+        verdict = "matches" if c["matches"] else "does not match"
+        lines.append(f"- {c['model']}: session memory {-c['rss_drop_bytes'] / MB:+.1f} MB against fp32 for "
+                     f"{c['file_bytes_saved'] / MB:.1f} MB fewer file bytes: saved / file bytes saved = "
+                     f"{c['drop_over_saved']:.2f}, {verdict} within ±{c['tolerance']:.0%}")
+    lines.append("- The portable form is not meant to pass: ORT constant-folds its standard-op decode into dense "
+                 "float32 weights when the session is created.")
+    return lines
+
+
+def _load_note(record: dict) -> str:
+    load = record["load_average_1min"]
+    note = f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
+    if max(load.values()) > record["threads"] + 1:
+        note += " (other jobs shared the machine: times are noisy)"
+    return note
+
+
+def markdown_report(record: dict) -> str:
+    bw = record["bandwidth"]
+    lines = [
+        "# CPU kernel benchmark", "",
+        f"`{record['command']}` on {record['machine']}, ORT {record['ort']}, {record['threads']} intra-op threads, "
+        f"{record['date']}{' (quick run)' if record['quick'] else ''}; {_load_note(record)}.", "",
+        f"DRAM read bandwidth (ORT ReduceSum over {bw['buffer_bytes'] >> 20} MiB, {record['threads']} threads): "
+        f"{bw['read_gbs_before']:.1f} GB/s before the ops, {bw['read_gbs_after']:.1f} GB/s after; "
+        f"{bw['reference_gbs']:.1f} GB/s is the reference. numpy copy (read + write, 1 thread): {bw['copy_gbs']:.1f} GB/s.",
+        "", "## Ops", "",
+        "Weight MB = the op's initializers (codes, codebook and permutation for VQGemm; packed blocks and scales "
+        "for MatMulNBits). Times are medians (\"best\": the fastest run, less sensitive to other jobs). "
+        "Warm: back-to-back runs (small weights stay in cache, so GB/s can pass DRAM's); "
+        "cold: caches evicted before each run. MatMulNBits acc0 computes in float, acc4 quantizes activations "
+        "to int8. VQGemm: d = 4, one group, column permutation, no scales.", "",
+        *_op_table(record["ops"]), "",
+        "## SmolLM2-135M, one token", "",
+        "Exported with seq_len=1: a one-token forward whose linear layers are those of a decode step (attention "
+        "over the one token, no KV cache). The embedding / tied LM head (49152 x 576) stays float32 in every "
+        "model. All three keep their weights in model.onnx.data, so ORT loads them alike. RSS growth: a fresh "
+        "process, after its imports, creating the session and running it once.", "",
+        *_decode_table(record["decode"], record["memory_checks"]), "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="two shapes, a few runs, SmolLM2 cut to 2 layers")
+    parser.add_argument("--work-dir", type=Path, default=HERE / "work", help="cached exports and compiled models")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="where kernels.json and kernels.md go")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    started, load_before = time.time(), os.getloadavg()[0]
+    try:
+        read_before = read_bandwidth_gbs(settings.bandwidth_bytes, args.threads)
+        ops = run_ops(settings, args.threads, _log)
+        read_after = read_bandwidth_gbs(settings.bandwidth_bytes, args.threads)
+        reference = max(read_before, read_after)
+        models = prepare_smollm2(args.work_dir, settings.smollm2_layers, _log)
+        decode = [measure_decode(label, path, args.threads, settings) for label, path in models.items()]
+    except MgvqError as error:
+        print(f"kernels: error: {error}", file=sys.stderr)
+        return 2
+    record = {
+        "command": " ".join(["python benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)), "seconds": round(time.time() - started, 1),
+        "machine": _machine(), "ort": ort.__version__, "threads": args.threads, "quick": args.quick,
+        "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+        "bandwidth": {"buffer_bytes": settings.bandwidth_bytes, "read_gbs_before": read_before,
+                      "read_gbs_after": read_after, "reference_gbs": reference,
+                      "copy_gbs": copy_bandwidth_gbs(settings.bandwidth_bytes)},
+        "ops": add_ratios(ops, reference),
+        "decode": decode,
+        "memory_checks": [memory_check(decode[0], row) for row in decode[1:]],
+    }
+    report = markdown_report(record)
+    _write_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")
+    _write_atomic(args.out_dir / "kernels.md", report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

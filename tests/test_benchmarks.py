@@ -1,0 +1,150 @@
+"""The pieces of benchmarks/kernels.py and benchmarks/opbench.py. A whole run takes minutes, so it is
+not part of the suite: ``python benchmarks/kernels.py --quick`` is the smoke run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from mgvq_compile.runtime import create_session
+from mgvq_compile.vqgemm import decode_from_stored
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import kernels  # noqa: E402
+import opbench  # noqa: E402
+
+
+def run(model: bytes, x: np.ndarray) -> np.ndarray:
+    return create_session(model, threads=1).run(None, {"x": x})[0]
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def initializers(model: bytes) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    proto = onnx.load_from_string(model)
+    return proto.graph.node[0], {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def test_vq_model_computes_x_times_its_stored_weight():
+    rng = np.random.default_rng(0)
+    model = opbench.vq_model(rng, 64, 24, 3, bits=2, d=4)
+    node, arrays = initializers(model)
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = decode_from_stored(attributes, arrays["codebooks"], arrays["codes"], arrays["perm"], None)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    assert rel_err(run(model, x), x @ weight.T) < 1e-5
+    assert opbench.initializer_nbytes(model) == sum(a.nbytes for a in arrays.values()) == 64 * 24 * 2 // 8 + 256 * 4 * 2 + 64 * 4
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nbits_model_follows_matmulnbits_layout(bits):
+    """K = 200 is not a multiple of the block (128): the last block is padded, as the op specifies."""
+    rng = np.random.default_rng(bits)
+    n, m, block = 200, 8, 128
+    model = opbench.nbits_model(rng, n, m, 2, bits, block)
+    _node, arrays = initializers(model)
+    packed, scales = arrays["b"], arrays["scales"].reshape(m, -1)
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    codes = ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(m, -1)[:, :n].astype(np.float32)
+    weight = (codes - (1 << (bits - 1))) * np.repeat(scales, block, axis=1)[:, :n]
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    assert rel_err(run(model, x), x @ weight.T) < 1e-5
+
+
+def test_dense_model_and_its_weight_bytes():
+    rng = np.random.default_rng(1)
+    model = opbench.dense_model(rng, 32, 16, 4)
+    _node, arrays = initializers(model)
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    assert rel_err(run(model, x), x @ arrays["w"]) < 1e-6
+    assert opbench.initializer_nbytes(model) == 32 * 16 * 4
+
+
+def test_time_runs_counts_runs_and_calls_before_each():
+    calls = {"run": 0, "flush": 0}
+
+    def step():
+        calls["run"] += 1
+
+    def flush():
+        calls["flush"] += 1
+
+    timing = opbench.time_runs(step, min_runs=5, max_runs=9, budget_s=0.0, warmup=2, before_each=flush)
+    assert timing.runs == 5 and calls == {"run": 7, "flush": 5} and timing.median_s >= 0
+    assert opbench.time_runs(step, min_runs=1, max_runs=9, budget_s=60.0, warmup=0).runs == 9
+
+
+def test_bandwidth_and_cache_flusher_run():
+    assert opbench.read_bandwidth_gbs(8 << 20, threads=1, runs=1) > 0
+    assert opbench.copy_bandwidth_gbs(8 << 20, runs=1) > 0
+    opbench.CacheFlusher(8 << 20, threads=1)()
+
+
+def tiny_lm(path: Path, vocab: int = 2000, hidden: int = 8) -> Path:
+    """input_ids[1, 1] -> Gather(embedding) -> MatMul -> logits: the inputs and outputs of the SmolLM2 export."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["logits"])],
+        "lm", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 1])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 1, vocab])],
+        [numpy_helper.from_array(rng.standard_normal((vocab, hidden), dtype=np.float32), "emb"),
+         numpy_helper.from_array(rng.standard_normal((hidden, vocab), dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_zero_feed_and_session_memory_probe(tmp_path):
+    path = tiny_lm(tmp_path / "lm.onnx")
+    feed = opbench.zero_feed(create_session(path))
+    assert feed["input_ids"].shape == (1, 1) and feed["input_ids"].dtype == np.int64
+    rss = opbench.session_rss_growth(path, threads=1)
+    assert set(rss) == {"baseline_bytes", "load_growth_bytes", "growth_bytes", "peak_growth_bytes"}
+    assert rss["baseline_bytes"] > 0 and rss["peak_growth_bytes"] >= rss["growth_bytes"] - 4096
+    assert opbench.current_rss_bytes() <= opbench.peak_rss_bytes()
+
+
+def test_measure_decode_on_a_tiny_language_model(tmp_path):
+    path = tiny_lm(tmp_path / "lm.onnx")
+    row = kernels.measure_decode("tiny", path, 1, kernels.QUICK)
+    assert row["model"] == "tiny" and row["file_bytes"] == path.stat().st_size
+    assert row["tokens_per_s"] == pytest.approx(1e3 / row["step_ms"]) and row["runs"] >= 3
+    assert "growth_bytes" in row
+
+
+def op_row(op: str, ms: float, batch: int = 1) -> dict:
+    return {"out": 8, "in": 16, "batch": batch, "op": op, "weight_bytes": 1000, "warm_ms": ms, "warm_min_ms": ms / 2, "warm_runs": 3,
+            "cold_ms": 2 * ms, "cold_runs": 3, "warm_gbs": 1e-6 / ms, "cold_gbs": 0.5e-6 / ms}
+
+
+def test_ratios_memory_check_and_report():
+    rows = kernels.add_ratios([op_row("fp32 MatMul", 2.0), op_row("VQGemm 2-bit", 0.5), op_row("VQGemm 2-bit", 1.0, batch=16)],
+                              bandwidth_gbs=1e-6)
+    assert [r["speedup_vs_fp32"] for r in rows] == [1.0, 4.0, None]  # no fp32 row for batch 16
+    assert rows[1]["cold_bw_fraction"] == pytest.approx(1.0)
+    fp32 = {"model": "fp32", "file_bytes": 500e6, "growth_bytes": 520e6, "step_ms": 20.0, "step_min_ms": 19.0, "tokens_per_s": 50.0,
+            "peak_growth_bytes": 600e6}
+    good = {**fp32, "model": "2-bit", "file_bytes": 150e6, "growth_bytes": 180e6}
+    bad = {**fp32, "model": "portable", "file_bytes": 150e6, "growth_bytes": 700e6}
+    checks = [kernels.memory_check(fp32, good), kernels.memory_check(fp32, bad)]
+    assert checks[0]["matches"] and checks[0]["drop_over_saved"] == pytest.approx(340 / 350)
+    assert not checks[1]["matches"]
+    record = {"command": "python benchmarks/kernels.py --quick", "machine": "test", "ort": "1", "threads": 2,
+              "load_average_1min": {"start": 1.0, "end": 2.0},
+              "date": "today", "quick": True, "ops": rows, "decode": [fp32, good, bad], "memory_checks": checks,
+              "bandwidth": {"buffer_bytes": 1 << 28, "read_gbs_before": 10.0, "read_gbs_after": 11.0,
+                            "reference_gbs": 11.0, "copy_gbs": 12.0}}
+    text = kernels.markdown_report(record)
+    assert "| 8x16 | 1 | VQGemm 2-bit | 0.00 | 0.500 | 0.250 | 1.000 |" in text and "4.00x" in text
+    assert "2-bit: session memory -340.0 MB against fp32" in text and "matches within ±15%" in text
+    assert "portable" in text and "does not match" in text
