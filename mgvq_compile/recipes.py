@@ -102,7 +102,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
         passes.append(_make("collect-stats", gradients=method in GRADIENT_METHODS))
     if method.startswith("mgvq"):
         passes += [
-            _make("assign-bits", bits=float(bits), uniform=method == "mgvq-no-alloc"),
+            _make("assign-bits", bits=float(bits), **({"uniform": True, "groups": 1} if method == "mgvq-no-alloc" else {})),
             _make("fit-codebooks"),
             _make("compensate", lam=0.0 if method == "mgvq-no-grad" else 0.05),
             fuse,

@@ -24,7 +24,7 @@ PERM_BITS = 32  # the column permutation is stored as int32
 
 @dataclasses.dataclass(frozen=True)
 class LayerAllocation:
-    perm: torch.Tensor  # int64 [n]: permuted column j is original column perm[j]
+    perm: torch.Tensor  # int64 [n]: permuted column j is original column perm[j] (identity for one group)
     vector_dim: int  # group widths are multiples of it; codebooks and rounding use it
     bounds: list[int]
     bits: list[int]
@@ -34,18 +34,23 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 3
+    VERSION = 4
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     vector_dim: int = 4
     allowed_bits: tuple[int, ...] = (1, 2, 3, 4)
-    uniform: bool = False  # every group gets the same width (the "no allocation" ablation)
+    # The "no allocation" ablation: every group gets ``bits`` index bits per weight (a whole number), with
+    # codebooks and permutation stored on top, as in gptvq; with groups = 1 no permutation is stored.
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.allowed_bits):
             raise RecipeError(f"allowed_bits {self.allowed_bits} with d={self.vector_dim} exceed {MAX_CODE_BITS}-bit codes")
         if self.groups < 1:
             raise RecipeError(f"assign-bits groups must be positive, got {self.groups}")
+        if self.uniform and (self.bits != int(self.bits) or int(self.bits) not in self.allowed_bits):
+            raise RecipeError(f"uniform bit widths need a whole number of bits in {self.allowed_bits}, got {self.bits}",
+                              "pass an integer --bits")
 
 
 @register_pass
@@ -71,17 +76,19 @@ class AssignBits(Pass):
             h_o = layer_stats.h_o if layer_stats.h_o is not None else torch.ones(m)
             scores = local_sensitivity(w, h)
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
+            if len(bounds) == 2:
+                perm = torch.arange(n)  # one group: nothing to reorder, nothing stored
             layer_global = global_sensitivity(h, h_o, w)
             sensitivities = group_sensitivities(scores, perm, bounds, layer_global)
             layouts[layer.key] = (perm, bounds, sensitivities, layer_global)
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-                fixed = PERM_BITS * n if index == 0 else 0
+                fixed = PERM_BITS * n if index == 0 and len(bounds) > 2 else 0
                 specs.append(GroupSpec(m * (stop - start), sensitivities[index], cfg.vector_dim, fixed))
                 owners.append((layer.key, index))
         if not specs:
             raise RecipeError("no layer has a width divisible by the vector dimension", "lower vector_dim")
         if cfg.uniform:
-            widths = self._uniform(specs, cfg)
+            widths = [int(cfg.bits)] * len(specs)
         else:
             widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits)
         summary = summarize_allocation(specs, widths)
@@ -92,13 +99,3 @@ class AssignBits(Pass):
         logger.info("allocated %.4f stored bits/weight (%.4f in indices) for a budget of %.4f",
                     summary.bits_per_weight, summary.index_bits_per_weight, cfg.bits)
         return PassResult({"allocation": allocation}, {"bits_per_weight": summary.bits_per_weight})
-
-    @staticmethod
-    def _uniform(specs, cfg) -> list[int]:
-        from mgvq_compile.algorithms.allocation import stored_bits
-
-        total = sum(s.count for s in specs)
-        for b in sorted(cfg.allowed_bits, reverse=True):
-            if stored_bits(specs, [b] * len(specs)) <= cfg.bits * total:
-                return [b] * len(specs)
-        raise RecipeError(f"even {min(cfg.allowed_bits)} bit(s) per weight exceed the budget of {cfg.bits}")

@@ -29,7 +29,7 @@ __all__ = ["CompensateConfig", "Compensate"]
 
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig(PassConfig):
-    VERSION = 5
+    VERSION = 6
     # How far the rounding target moves along the Newton direction -H_O^-1 G H_I^-1, as a fraction of
     # the weights' H_I-norm (a trust radius); 0 = plain second-order rounding toward W.
     lam: float = 0.05
@@ -106,7 +106,8 @@ class Compensate(Pass):
                 vectors = q[:, start:stop].reshape(-1, d).to(torch.float32)
                 codes = assign_nearest(vectors, centroid_sets[index]).reshape(m, -1)
                 groups.append(VQGroup(start, stop, bits, books[index], codes.numpy()))
-            result = VQWeight(m, n, d, tuple(groups), perm.numpy().astype(np.int32))
+            identity = bool(torch.equal(perm, torch.arange(n)))
+            result = VQWeight(m, n, d, tuple(groups), None if identity else perm.numpy().astype(np.int32))
             original = torch.from_numpy(weight)
             extra["proxy_loss_before_compensation"] = proxy_loss(original[:, perm], before, layer_stats.h_x[perm][:, perm])
             return result, extra
