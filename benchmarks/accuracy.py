@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ALL_METHODS = ("rtn", "gptq", "vlmq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
+VQ_METHODS = ("kmeans-vq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
 CALIBRATION_NOVEL = "pride_and_prejudice"
 EVALUATION_NOVEL = "sense_and_sensibility"
 
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], dest="options", metavar="PASS.OPTION=VALUE",
                         help="pass option for every mgvq-family run (e.g. compensate.lam=0.1)")
+    parser.add_argument("--vector-dim", type=int, help="vector dimension d of every VQ method (gptvq, kmeans-vq, mgvq*)")
     parser.add_argument("--tag", default="", help="names this variant's runs and result files")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "accuracy")
     args = parser.parse_args(argv)
@@ -227,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(_reference(args.work, setup, model))
             for bits in args.bits:
                 for method in args.methods:
-                    options = args.options if method.startswith("mgvq") else []
+                    options = list(args.options) if method.startswith("mgvq") else []
+                    if args.vector_dim and method in VQ_METHODS:
+                        options.append(f"*.vector_dim={args.vector_dim}")
                     record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag)
                     records.append(record)
                     shown = {k: record[k] for k in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s")

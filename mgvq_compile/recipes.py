@@ -104,7 +104,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
         passes += [
             _make("assign-bits", bits=float(bits), **({"uniform": True, "groups": 1} if method == "mgvq-no-alloc" else {})),
             _make("fit-codebooks"),
-            _make("compensate", lam=0.0 if method == "mgvq-no-grad" else 0.05),
+            _make("compensate", **({"lam": 0.0} if method == "mgvq-no-grad" else {})),
             fuse,
         ]
         return Recipe(method, tuple(passes))
