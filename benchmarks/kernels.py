@@ -38,6 +38,7 @@ import onnxruntime as ort
 from mgvq_compile.errors import MgvqError
 from mgvq_compile.runtime import create_session
 from opbench import (
+    SHAPES,
     CacheFlusher,
     copy_bandwidth_gbs,
     dense_model,
@@ -54,16 +55,6 @@ __all__ = ["main", "OPS", "SHAPES", "FULL", "QUICK", "add_ratios", "memory_check
 HERE = Path(__file__).resolve().parent
 MB = 1e6
 
-# (out, in, what it is)
-SHAPES = (
-    (4096, 4096, "7B attention"),
-    (4096, 11008, "7B MLP down"),
-    (11008, 4096, "7B MLP gate/up"),
-    (576, 576, "SmolLM2 q/o proj"),
-    (192, 576, "SmolLM2 k/v proj"),
-    (1536, 576, "SmolLM2 gate/up proj"),
-    (576, 1536, "SmolLM2 down proj"),
-)
 
 
 @dataclasses.dataclass(frozen=True)

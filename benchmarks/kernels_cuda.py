@@ -44,21 +44,13 @@ sys.path.insert(0, str(HERE.parent))
 from mgvq_compile import runtime  # noqa: E402
 from mgvq_compile.errors import MgvqError  # noqa: E402
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight, vqgemm_reference  # noqa: E402
+from opbench import SHAPES  # noqa: E402
 
 __all__ = ["main", "SHAPES", "OPS", "device_info", "build_model", "markdown_table"]
 
 CUDA = "CUDAExecutionProvider"
 NEEDS = "needs onnxruntime-gpu and a CUDA device"
 
-# (out, in, what it is)
-SHAPES = (
-    (4096, 4096, "7B attention"),
-    (4096, 11008, "7B MLP down"),
-    (11008, 4096, "7B MLP gate/up"),
-    (576, 576, "SmolLM2 q/o proj"),
-    (1536, 576, "SmolLM2 gate/up proj"),
-    (576, 1536, "SmolLM2 down proj"),
-)
 BATCHES = (1, 16)
 MAX_STACK = 1024
 

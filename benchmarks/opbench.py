@@ -54,6 +54,18 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 # One-op models: y[rows, m] = op(x[rows, n], weight)
 
 
+# (out, in, what it is): the issue's large shapes and SmolLM2-135M's linear layers
+SHAPES = (
+    (4096, 4096, "7B attention"),
+    (4096, 11008, "7B MLP down"),
+    (11008, 4096, "7B MLP gate/up"),
+    (576, 576, "SmolLM2 q/o proj"),
+    (192, 576, "SmolLM2 k/v proj"),
+    (1536, 576, "SmolLM2 gate/up proj"),
+    (576, 1536, "SmolLM2 down proj"),
+)
+
+
 def single_op_model(nodes, inits, n: int, m: int, rows: int, extra_opsets=()) -> bytes:
     """A serialized model ``x[rows, n] -> y[rows, m]`` made of ``nodes`` and initializers ``inits``."""
     graph = helper.make_graph(
