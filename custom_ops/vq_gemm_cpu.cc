@@ -295,25 +295,331 @@ __attribute__((target("avx2,fma"))) void gemm_tile_avx2(const float* w, int nw, 
 }
 #endif
 
+// ------------------------------------------------------------------------------------------------
+// Register-codebook path, for groups whose codes have at most 6 bits (d = 2 at 1-3 bits, d = 1 at up
+// to 6 bits, d = 4 at 1 bit: every layer the mgvq recipe writes by default). The group's codebook sits
+// in vector registers, one set per vector component; each step unpacks 16 codes (8 on AVX2) with one
+// byte shuffle, a variable shift and a mask, picks the weights with permutes and multiply-adds them
+// with the activations, which are laid out component by component: xs[t * comp_stride + v] is component
+// t of vector position v. No table per call, no gather, the weight never leaves the registers.
+//
+// out[r] = sum_{v < count} sum_{t < D} table[t * 64 + code_v] * xs[r * row_stride + t * comp_stride + v]
+// for r < NR, code_v the bd-bit code at bit bit0 + v * bd of `codes`; `end` is one past the last byte
+// that may be read.
+using RegisterDotFn = void (*)(const uint8_t* codes, const uint8_t* end, uint64_t bit0, int bd, int64_t count,
+                               const float* table, const float* xs, int64_t comp_stride, int64_t row_stride,
+                               float* out);
+
+// 4-bit codes (16 codewords: d = 2 at 2 bits, the mgvq default; d = 1 at 4 bits; d = 4 at 1 bit) in
+// rows that start on a byte: one widening load and one shift give 32 codes, the even vector positions
+// from the low nibbles and the odd ones from the high nibbles. The activations are laid out to match:
+// per block of 32 vector positions, the 16 even ones, then the 16 odd ones. NO output rows share every
+// activation load.
+// out[o * NR + r] = sum_{v < count} sum_{t < D} table[t * 64 + code_{o,v}] * x_r(v, t), for o < NO, r < NR.
+using NibbleDotFn = void (*)(const uint8_t* const* codes, int64_t count, const float* table, const float* xn,
+                             int64_t comp_stride, int64_t row_stride, float* out);
+
+constexpr int kNibbleBlock = 32;  // vector positions per step
+
+constexpr int kRegisterMaxCodeBits = 6;  // tables of at most 64 codewords per component
+constexpr int kRegisterTableStride = 64;
+constexpr int kRegisterMaxRows = 4;      // activation rows per call
+constexpr int64_t kRegisterRowLimit = 16;  // more activation rows: the decode path
+constexpr int kRegisterDims[3] = {1, 2, 4};
+
+// GCC 12's AVX-512 intrinsics trip -Wuninitialized on their own _mm*_undefined_* placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef MGVQ_HAVE_X86
+#define MGVQ_AVX512 "avx512f,avx512bw,avx512vl,avx512vbmi,avx512dq,fma,avx2"
+
+// Codeword columns for 16 codes; KC = registers per table (16 codewords each).
+template <int KC>
+__attribute__((target(MGVQ_AVX512))) inline __m512 pick_avx512(const __m512* T, __m512i c) {
+  if constexpr (KC == 1) {
+    return _mm512_permutexvar_ps(c, T[0]);
+  } else if constexpr (KC == 2) {
+    return _mm512_permutex2var_ps(T[0], c, T[1]);
+  } else {
+    const __m512 lo = _mm512_permutex2var_ps(T[0], c, T[1]);
+    const __m512 hi = _mm512_permutex2var_ps(T[2], c, T[3]);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), lo, hi);
+  }
+}
+
+// 16 codes from the bytes at q (only the first `load` bytes are read: masked loads do not fault).
+__attribute__((target(MGVQ_AVX512))) inline __m512i unpack16_avx512(const uint8_t* q, __mmask64 load,
+                                                                  __m512i byte_index, __m512i shift,
+                                                                  __m512i mask) {
+  const __m512i raw = _mm512_maskz_loadu_epi8(load, q);
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(byte_index, raw), shift), mask);
+}
+
+inline __mmask64 byte_mask(int nbytes) { return nbytes >= 64 ? ~0ull : ((1ull << nbytes) - 1ull); }
+
+template <int D, int KC, int NR>
+__attribute__((target(MGVQ_AVX512))) void register_dot_avx512(const uint8_t* codes, const uint8_t*, uint64_t bit0,
+                                                             int bd, int64_t count, const float* table,
+                                                             const float* xs, int64_t comp_stride,
+                                                             int64_t row_stride, float* out) {
+  constexpr int U = NR * D <= 4 ? 2 : 1;  // independent accumulator sets: FMA latency, not throughput
+  __m512 T[D][KC];
+  for (int t = 0; t < D; ++t)
+    for (int k = 0; k < KC; ++k) T[t][k] = _mm512_loadu_ps(table + t * kRegisterTableStride + k * 16);
+  const int s0 = (int)(bit0 & 7);
+  const uint8_t* p = codes + (bit0 >> 3);
+  const __m512i pos = _mm512_add_epi32(
+      _mm512_set1_epi32(s0),
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bd)));
+  const __m512i shift = _mm512_and_si512(pos, _mm512_set1_epi32(7));
+  const __m512i byte_index = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(pos, 3), _mm512_set1_epi32(0x01010101)),
+                                              _mm512_set1_epi32(0x03020100));
+  const __m512i mask = _mm512_set1_epi32((1 << bd) - 1);
+  const __mmask64 full = byte_mask((s0 + 16 * bd + 7) >> 3);
+  __m512 acc[U][NR][D];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < D; ++t) acc[u][r][t] = _mm512_setzero_ps();
+  int64_t v = 0;
+  for (; v + 16 * U <= count; v += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512i c = unpack16_avx512(p, full, byte_index, shift, mask);
+      p += 2 * bd;
+      for (int t = 0; t < D; ++t) {
+        const __m512 w = pick_avx512<KC>(T[t], c);
+        for (int r = 0; r < NR; ++r)
+          acc[u][r][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + r * row_stride + t * comp_stride + v + 16 * u),
+                                         acc[u][r][t]);
+      }
+    }
+  }
+  for (; v < count; v += 16) {
+    const int rem = (int)std::min<int64_t>(16, count - v);
+    const __mmask16 lanes = (__mmask16)((1u << rem) - 1u);
+    const __m512i c = unpack16_avx512(p, byte_mask((s0 + rem * bd + 7) >> 3), byte_index, shift, mask);
+    p += 2 * bd;
+    for (int t = 0; t < D; ++t) {
+      const __m512 w = pick_avx512<KC>(T[t], c);
+      for (int r = 0; r < NR; ++r)
+        acc[0][r][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, xs + r * row_stride + t * comp_stride + v),
+                                       acc[0][r][t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m512 s = acc[0][r][0];
+    for (int t = 1; t < D; ++t) s = _mm512_add_ps(s, acc[0][r][t]);
+    for (int u = 1; u < U; ++u)
+      for (int t = 0; t < D; ++t) s = _mm512_add_ps(s, acc[u][r][t]);
+    out[r] = hsum256(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
+  }
+}
+
+// Codeword columns for 8 codes; KC = 1: 8 codewords, 2: 16, 0: up to 64 (gathered from the table).
+template <int KC>
+__attribute__((target("avx2,fma"))) inline __m256 pick_avx2(const __m256* T, const float* table_t, __m256i c) {
+  if constexpr (KC == 1) {
+    return _mm256_permutevar8x32_ps(T[0], c);
+  } else if constexpr (KC == 2) {
+    const __m256 lo = _mm256_permutevar8x32_ps(T[0], c);
+    const __m256 hi = _mm256_permutevar8x32_ps(T[1], c);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));  // bit 3 -> sign
+  } else {
+    return _mm256_i32gather_ps(table_t, c, 4);
+  }
+}
+
+template <int D, int KC, int NR>
+__attribute__((target("avx2,fma"))) void register_dot_avx2(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
+                                                           int bd, int64_t count, const float* table,
+                                                           const float* xs, int64_t comp_stride, int64_t row_stride,
+                                                           float* out) {
+  constexpr int NT = KC == 0 ? 1 : KC;
+  __m256 T[D][NT];
+  for (int t = 0; t < D; ++t)
+    for (int k = 0; k < NT; ++k) T[t][k] = _mm256_loadu_ps(table + t * kRegisterTableStride + k * 8);
+  const int s0 = (int)(bit0 & 7);
+  const uint8_t* p = codes + (bit0 >> 3);
+  const __m256i pos = _mm256_add_epi32(_mm256_set1_epi32(s0),
+                                       _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bd)));
+  const __m256i shift = _mm256_and_si256(pos, _mm256_set1_epi32(7));
+  const __m256i byte_index = _mm256_add_epi32(
+      _mm256_mullo_epi32(_mm256_srli_epi32(pos, 3), _mm256_set1_epi32(0x01010101)), _mm256_set1_epi32(0x03020100));
+  const __m256i mask = _mm256_set1_epi32((1 << bd) - 1);
+  __m256 acc[NR][D];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < D; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t v = 0; v < count; v += 8, p += bd) {
+    __m128i bytes;
+    if (end - p >= 16) {
+      bytes = _mm_loadu_si128((const __m128i*)p);
+    } else {  // the last bytes of the buffer: never read past it
+      alignas(16) uint8_t tail[16] = {0};
+      std::memcpy(tail, p, (size_t)std::max<std::ptrdiff_t>(0, end - p));
+      bytes = _mm_load_si128((const __m128i*)tail);
+    }
+    const __m256i c = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), byte_index), shift), mask);
+    const int rem = (int)std::min<int64_t>(8, count - v);
+    if (rem == 8) {
+      for (int t = 0; t < D; ++t) {
+        const __m256 w = pick_avx2<KC>(T[t], table + t * kRegisterTableStride, c);
+        for (int r = 0; r < NR; ++r)
+          acc[r][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + r * row_stride + t * comp_stride + v), acc[r][t]);
+      }
+    } else {
+      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int t = 0; t < D; ++t) {
+        const __m256 w = pick_avx2<KC>(T[t], table + t * kRegisterTableStride, c);
+        for (int r = 0; r < NR; ++r)
+          acc[r][t] = _mm256_fmadd_ps(w, _mm256_maskload_ps(xs + r * row_stride + t * comp_stride + v, lanes),
+                                      acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m256 s = acc[r][0];
+    for (int t = 1; t < D; ++t) s = _mm256_add_ps(s, acc[r][t]);
+    out[r] = hsum256(s);
+  }
+}
+template <int D, int NR, int NO>
+__attribute__((target(MGVQ_AVX512))) void nibble_dot_avx512(const uint8_t* const* codes, int64_t count,
+                                                           const float* table, const float* xn, int64_t comp_stride,
+                                                           int64_t row_stride, float* out) {
+  __m512 T[D];
+  for (int t = 0; t < D; ++t) T[t] = _mm512_loadu_ps(table + t * kRegisterTableStride);
+  __m512 acc[NO][NR][D];
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < D; ++t) acc[o][r][t] = _mm512_setzero_ps();
+  for (int64_t v = 0; v < count; v += kNibbleBlock) {
+    const int rem = (int)std::min<int64_t>(kNibbleBlock, count - v);
+    const bool full = rem == kNibbleBlock;
+    const __mmask16 bytes = full ? 0xffff : (__mmask16)((1u << ((rem + 1) / 2)) - 1u);
+    const __mmask16 even = bytes, odd = full ? 0xffff : (__mmask16)((1u << (rem / 2)) - 1u);
+    __m512 w_even[NO][D], w_odd[NO][D];
+    for (int o = 0; o < NO; ++o) {
+      const __m512i lo = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(bytes, codes[o] + v / 2));
+      const __m512i hi = _mm512_srli_epi32(lo, 4);  // the permutes read only the low 4 bits
+      for (int t = 0; t < D; ++t) {
+        w_even[o][t] = _mm512_permutexvar_ps(lo, T[t]);
+        w_odd[o][t] = _mm512_permutexvar_ps(hi, T[t]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < D; ++t) {
+        const float* x = xn + r * row_stride + t * comp_stride + v;
+        const __m512 xe = _mm512_maskz_loadu_ps(even, x), xo = _mm512_maskz_loadu_ps(odd, x + 16);
+        for (int o = 0; o < NO; ++o) {
+          acc[o][r][t] = _mm512_fmadd_ps(w_even[o][t], xe, acc[o][r][t]);
+          acc[o][r][t] = _mm512_fmadd_ps(w_odd[o][t], xo, acc[o][r][t]);
+        }
+      }
+  }
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r) {
+      __m512 s = acc[o][r][0];
+      for (int t = 1; t < D; ++t) s = _mm512_add_ps(s, acc[o][r][t]);
+      out[o * NR + r] = hsum256(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
+    }
+}
+#endif
+
+#pragma GCC diagnostic pop
+
+// fns[dim class][codebook class][rows - 1]; dim class indexes kRegisterDims.
+struct RegisterDotTable {
+  RegisterDotFn fns[3][3][kRegisterMaxRows] = {};
+  int64_t class_limit[2] = {0, 0};  // codebook class 0: K <= class_limit[0], 1: K <= class_limit[1], 2: K <= 64
+  NibbleDotFn nibble[3][kRegisterMaxRows][2] = {};  // [dim class][rows - 1][output rows - 1]; AVX-512 only
+};
+
+template <template <int, int, int> class Kernel, int D, int KC>
+void fill_rows(RegisterDotFn* row_fns) {
+  row_fns[0] = Kernel<D, KC, 1>::fn;
+  row_fns[1] = Kernel<D, KC, 2>::fn;
+  row_fns[2] = Kernel<D, KC, 3>::fn;
+  row_fns[3] = Kernel<D, KC, 4>::fn;
+}
+
+#ifdef MGVQ_HAVE_X86
+template <int D, int KC, int NR>
+struct Avx512Dot {
+  static constexpr RegisterDotFn fn = register_dot_avx512<D, KC, NR>;
+};
+template <int D, int KC, int NR>
+struct Avx2Dot {
+  static constexpr RegisterDotFn fn = register_dot_avx2<D, KC, NR>;
+};
+
+template <int D>
+void fill_nibble(NibbleDotFn (*fns)[2]) {
+  fns[0][0] = nibble_dot_avx512<D, 1, 1>;
+  fns[0][1] = nibble_dot_avx512<D, 1, 2>;
+  fns[1][0] = nibble_dot_avx512<D, 2, 1>;
+  fns[1][1] = nibble_dot_avx512<D, 2, 2>;
+  fns[2][0] = nibble_dot_avx512<D, 3, 1>;
+  fns[2][1] = nibble_dot_avx512<D, 3, 2>;
+  fns[3][0] = nibble_dot_avx512<D, 4, 1>;
+  fns[3][1] = nibble_dot_avx512<D, 4, 2>;
+}
+
+template <template <int, int, int> class Kernel, int K0, int K1, int K2>
+RegisterDotTable make_register_table(int64_t limit0, int64_t limit1) {
+  RegisterDotTable table;
+  table.class_limit[0] = limit0;
+  table.class_limit[1] = limit1;
+  fill_rows<Kernel, 1, K0>(table.fns[0][0]);
+  fill_rows<Kernel, 1, K1>(table.fns[0][1]);
+  fill_rows<Kernel, 1, K2>(table.fns[0][2]);
+  fill_rows<Kernel, 2, K0>(table.fns[1][0]);
+  fill_rows<Kernel, 2, K1>(table.fns[1][1]);
+  fill_rows<Kernel, 2, K2>(table.fns[1][2]);
+  fill_rows<Kernel, 4, K0>(table.fns[2][0]);
+  fill_rows<Kernel, 4, K1>(table.fns[2][1]);
+  fill_rows<Kernel, 4, K2>(table.fns[2][2]);
+  return table;
+}
+
+RegisterDotTable with_nibble(RegisterDotTable table) {
+  fill_nibble<1>(table.nibble[0]);
+  fill_nibble<2>(table.nibble[1]);
+  fill_nibble<4>(table.nibble[2]);
+  return table;
+}
+#endif
+
 struct HotLoops {
   void (*build_table)(const float*, const float*, int, int, float*);
   float (*lookup)(const float*, const uint16_t*, int, int);
   void (*dot_rows)(const float*, int, const float*, int64_t, float*);
   float (*lookup_u8)(const float*, const uint8_t*, int);
   void (*gemm_tile)(const float*, int, const float*, int64_t, int64_t, float*, int64_t);
+  RegisterDotTable register_dot;  // empty (no register path) on the portable level
   const char* name;
 };
 
+// The best level this CPU runs, or the one MGVQ_VQGEMM_ISA asks for (avx512 | avx2 | portable; tests
+// use it to run every level on one machine). A level the CPU lacks is never chosen.
 HotLoops select_hot_loops() {
-  const char* force = std::getenv("MGVQ_VQGEMM_ISA");
-  bool portable = force != nullptr && std::string(force) == "portable";
+  const char* force_env = std::getenv("MGVQ_VQGEMM_ISA");
+  const std::string force = force_env == nullptr ? "auto" : force_env;
 #ifdef MGVQ_HAVE_X86
   __builtin_cpu_init();
-  if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2, "avx2"};
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vbmi");
+  if (avx512 && (force == "auto" || force == "avx512"))
+    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
+            with_nibble(make_register_table<Avx512Dot, 1, 2, 4>(16, 32)), "avx512"};
+  if (avx2 && force != "portable")
+    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
+            make_register_table<Avx2Dot, 1, 2, 0>(8, 16), "avx2"};
 #endif
-  (void)portable;
-  return {build_table_portable, lookup_portable, dot_rows_portable, lookup_u8_portable, gemm_tile_portable, "portable"};
+  return {build_table_portable, lookup_portable, dot_rows_portable, lookup_u8_portable, gemm_tile_portable,
+          RegisterDotTable{}, "portable"};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -471,7 +777,7 @@ void parallel_for(const ParallelCtx& pc, size_t total, F&& fn) {
   }
 }
 
-enum class Path { kAuto, kLut, kDecode };
+enum class Path { kAuto, kLut, kDecode, kRegister };
 
 struct VQGemmKernel {
   VQGemmKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), loops_(select_hot_loops()) {
@@ -486,9 +792,10 @@ struct VQGemmKernel {
     }
     layout_ = make_layout(ki.GetAttribute<int64_t>("in_features"), ki.GetAttribute<int64_t>("out_features"),
                           ki.GetAttribute<int64_t>("vector_dim"), bounds, bits, scale_group);
-    const char* path = std::getenv("MGVQ_VQGEMM_PATH");  // lut | decode | auto (tests force a path)
+    const char* path = std::getenv("MGVQ_VQGEMM_PATH");  // register | lut | decode | auto (tests force a path)
     if (path != nullptr && std::string(path) == "lut") path_ = Path::kLut;
     if (path != nullptr && std::string(path) == "decode") path_ = Path::kDecode;
+    if (path != nullptr && std::string(path) == "register") path_ = Path::kRegister;
     const char* piece = std::getenv("MGVQ_VQGEMM_PIECE");  // vector positions per cached table slice
     if (piece != nullptr && std::atoi(piece) > 0) piece_vectors_ = std::min(std::atoi(piece), 4096);
   }
@@ -505,6 +812,25 @@ struct VQGemmKernel {
   }
 
  private:
+  // Index into kRegisterDims, or -1 when the register path cannot take this layout on this CPU.
+  int register_dim_class() const {
+    const Layout& L = layout_;
+    if (L.segments.empty() || loops_.register_dot.fns[0][0][0] == nullptr) return -1;
+    for (const Group& G : L.groups)
+      if (G.bits * L.d > kRegisterMaxCodeBits) return -1;
+    for (int i = 0; i < 3; ++i)
+      if (kRegisterDims[i] == L.d) return i;
+    return -1;
+  }
+
+  bool use_register(int64_t rows) const {
+    if (path_ == Path::kLut || path_ == Path::kDecode || register_dim_class() < 0) return false;
+    // The register path re-unpacks the codes for every 4 activation rows; on the 2-core AMD EPYC
+    // (4096 x 4096, d = 2) decoding W once and a register-tiled GEMM wins past ~20 rows at 3 bits and
+    // ~48 rows at 2 bits.
+    return path_ == Path::kRegister || rows <= kRegisterRowLimit;
+  }
+
   bool use_lut(int64_t rows) const {
     const Layout& L = layout_;
     if (L.segments.empty()) return false;  // scale blocks cut vectors: only the decode path handles it
@@ -616,7 +942,9 @@ struct VQGemmKernel {
     const uint16_t* cb16 = reinterpret_cast<const uint16_t*>(cb_val.GetTensorRawData());
     const uint8_t* codes = codes_val.GetTensorData<uint8_t>();
     ParallelCtx pc{&api_, context};
-    if (use_lut(rows)) {
+    if (use_register(rows)) {
+      RunRegister(pc, xp.data(), rows, cb16, codes, codes_val.GetTensorTypeAndShapeInfo().GetElementCount(), scales, y);
+    } else if (use_lut(rows)) {
       RunLut(pc, xp.data(), rows, cb16, codes, scales, y);
     } else {
       RunDecode(pc, xp.data(), rows, cb16, codes, scales, y);
@@ -730,6 +1058,95 @@ struct VQGemmKernel {
           std::memcpy(y + (size_t)(r0 + r) * L.m + o0, acc.data() + (size_t)r * no, no * sizeof(float));
       });
     }
+  }
+
+  void RunRegister(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,
+                   size_t codes_nbytes, const uint16_t* scales, float* y) const {
+    const Layout& L = layout_;
+    const int64_t d = L.d;
+    const int dim_class = register_dim_class();
+    const RegisterDotTable& R = loops_.register_dot;
+    // Per group: d tables of 64 floats (table[t * 64 + k] = component t of codeword k, zero past K),
+    // the kernel, and where its activations go.
+    struct GroupPlan {
+      const RegisterDotFn* fns = nullptr;  // [rows - 1], bit-packed codes
+      bool nibble = false;                 // 4-bit codes in byte-aligned rows: the nibble kernel
+      int64_t comp_stride = 0, x_offset = 0;
+    };
+    std::vector<float> tables(L.groups.size() * d * kRegisterTableStride, 0.f);
+    std::vector<GroupPlan> plan(L.groups.size());
+    int64_t row_stride = 0;
+    for (size_t g = 0; g < L.groups.size(); ++g) {
+      const Group& G = L.groups[g];
+      for (int64_t k = 0; k < G.K; ++k)
+        for (int64_t t = 0; t < d; ++t)
+          tables[(g * d + t) * kRegisterTableStride + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
+      GroupPlan& P = plan[g];
+      P.fns = R.fns[dim_class][G.K <= R.class_limit[0] ? 0 : G.K <= R.class_limit[1] ? 1 : 2];
+      P.nibble = R.nibble[dim_class][0][0] != nullptr && G.bits * d == 4 && G.nvec % 2 == 0;
+      for (const Segment& S : L.segments)
+        if (S.group == (int)g && (S.vec_begin - G.vec_offset) % kNibbleBlock) P.nibble = false;
+      P.comp_stride = P.nibble ? (G.nvec + kNibbleBlock - 1) / kNibbleBlock * kNibbleBlock : G.nvec;
+      P.x_offset = row_stride;
+      row_stride += d * P.comp_stride;
+    }
+    // Activations by group and component: x[t * comp_stride + v] = xp[G.start + v * d + t], the nibble
+    // groups' positions reordered within blocks of 32 (evens, then odds) and zero-padded to whole blocks.
+    std::vector<float> xs((size_t)rows * row_stride, 0.f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (size_t g = 0; g < L.groups.size(); ++g) {
+        const Group& G = L.groups[g];
+        const GroupPlan& P = plan[g];
+        const float* src = xp + (size_t)r * L.n + G.start;
+        float* dst = xs.data() + (size_t)r * row_stride + P.x_offset;
+        for (int64_t v = 0; v < G.nvec; ++v) {
+          const int64_t at = P.nibble ? v / kNibbleBlock * kNibbleBlock + (v % 2) * 16 + (v % kNibbleBlock) / 2 : v;
+          for (int64_t t = 0; t < d; ++t) dst[t * P.comp_stride + at] = src[v * d + t];
+        }
+      }
+    std::vector<float> scale_f;
+    if (scales) {
+      scale_f.resize((size_t)L.m * (L.n / L.scale_group));
+      for (size_t i = 0; i < scale_f.size(); ++i) scale_f[i] = half_to_float(scales[i]);
+    }
+    const uint8_t* codes_end = codes + codes_nbytes;
+    constexpr int64_t kOutBlock = 16;  // output rows per task (even: the nibble kernel takes them in pairs)
+    const size_t ntasks = (size_t)((L.m + kOutBlock - 1) / kOutBlock);
+    parallel_for(pc, ntasks, [&](size_t i) {
+      const int64_t o_end = std::min<int64_t>(L.m, (int64_t)(i + 1) * kOutBlock);
+      float part[2 * kRegisterMaxRows], sum[2 * kRegisterMaxRows];
+      for (int64_t o = (int64_t)i * kOutBlock; o < o_end; o += 2) {
+        const int no = (int)std::min<int64_t>(2, o_end - o);
+        for (int64_t r0 = 0; r0 < rows; r0 += kRegisterMaxRows) {
+          const int nr = (int)std::min<int64_t>(kRegisterMaxRows, rows - r0);
+          std::fill(sum, sum + 2 * kRegisterMaxRows, 0.f);
+          for (const Segment& S : L.segments) {
+            const Group& G = L.groups[S.group];
+            const GroupPlan& P = plan[S.group];
+            const int64_t bd = G.bits * d, local = S.vec_begin - G.vec_offset;
+            const float* table = tables.data() + (size_t)S.group * d * kRegisterTableStride;
+            const float* x = xs.data() + (size_t)r0 * row_stride + P.x_offset + local;
+            auto bit_of = [&](int64_t out_row) {
+              return (uint64_t)G.code_byte * 8 + (uint64_t)(out_row * G.nvec + local) * bd;
+            };
+            if (P.nibble) {
+              const uint8_t* rows_codes[2] = {codes + (bit_of(o) >> 3), codes + (bit_of(o + no - 1) >> 3)};
+              R.nibble[dim_class][nr - 1][no - 1](rows_codes, S.count, table, x, P.comp_stride, row_stride, part);
+            } else {
+              for (int k = 0; k < no; ++k)
+                P.fns[nr - 1](codes, codes_end, bit_of(o + k), (int)bd, S.count, table, x, P.comp_stride, row_stride,
+                              part + k * nr);
+            }
+            for (int k = 0; k < no; ++k) {
+              const float s = S.scale_col >= 0 ? scale_f[(size_t)(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
+              for (int r = 0; r < nr; ++r) sum[k * nr + r] += s * part[k * nr + r];
+            }
+          }
+          for (int k = 0; k < no; ++k)
+            for (int r = 0; r < nr; ++r) y[(size_t)(r0 + r) * L.m + o + k] = sum[k * nr + r];
+        }
+      }
+    });
   }
 
   void RunDecode(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,

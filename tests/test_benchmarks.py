@@ -144,7 +144,23 @@ def test_ratios_memory_check_and_report():
               "date": "today", "quick": True, "ops": rows, "decode": [fp32, good, bad], "memory_checks": checks,
               "bandwidth": {"buffer_bytes": 1 << 28, "read_gbs_before": 10.0, "read_gbs_after": 11.0,
                             "reference_gbs": 11.0, "copy_gbs": 12.0}}
+    record["speed_check"] = kernels.speed_check([
+        {**op_row("VQGemm 2-bit d2", 0.4), "out": 4096, "in": 4096},
+        {**op_row("MatMulNBits 2-bit acc0", 40.0), "out": 4096, "in": 4096},
+        {**op_row("MatMulNBits 2-bit acc4", 0.1), "out": 4096, "in": 4096},
+        {**op_row("MatMulNBits 2-bit acc4", 0.01, batch=16), "out": 4096, "in": 4096},  # another batch: ignored
+    ])
+    assert [(c["against"], c["meets_goal"]) for c in record["speed_check"]] == [
+        ("MatMulNBits 2-bit acc0", True), ("MatMulNBits 2-bit acc4", False)]
+    assert record["speed_check"][1]["ratio"] == pytest.approx(4.0)
     text = kernels.markdown_report(record)
+    assert "| 4096x4096 | 1 | VQGemm 2-bit d2 | MatMulNBits 2-bit acc4 | 0.400 | 0.100 | 4.000x | <= 0.3x | no |" in text
     assert "| 8x16 | 1 | VQGemm 2-bit | 0.00 | 0.500 | 0.250 | 1.000 |" in text and "4.00x" in text
     assert "2-bit: session memory -340.0 MB against fp32" in text and "matches within ±15%" in text
     assert "portable" in text and "does not match" in text
+
+
+def test_kernel_isa_names_the_level_the_library_picks(ops_library):
+    if ops_library is None:
+        pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
+    assert kernels.kernel_isa() in {"avx512", "avx2", "portable"}

@@ -98,11 +98,17 @@ CASES = [
     (31, 30, 2, [0, 30], [2], True, 0, True, (1,)),
     (70, 96, 4, [0, 32, 64, 96], [1, 2, 3], True, 32, True, (4, 11)),
     (5, 16, 8, [0, 16], [2], True, 16, False, (13,)),
+    # layouts the register-codebook path takes (codes of at most 6 bits, d in {1, 2, 4})
+    (64, 128, 2, [0, 128], [2], True, 0, False, (1,)),
+    (29, 70, 2, [0, 6, 40, 70], [1, 2, 3], True, 0, True, (3,)),  # 3-bit codes at odd bit offsets
+    (19, 62, 1, [0, 30, 62], [6, 4], True, 0, False, (2, 3)),
+    (21, 36, 4, [0, 36], [1], False, 12, True, (9,)),
+    (33, 66, 2, [0, 2, 66], [2, 3], True, 6, True, (40,)),  # more rows than one call takes
 ]
 
 
 @pytest.mark.parametrize("m,n,d,bounds,bits,perm,scale_group,with_bias,batch", CASES)
-@pytest.mark.parametrize("path", ["auto", "lut", "decode"])
+@pytest.mark.parametrize("path", ["auto", "register", "lut", "decode"])
 def test_custom_op_equals_reference_and_decomposed(session_for, m, n, d, bounds, bits, perm, scale_group,
                                                    with_bias, batch, path):
     rng = np.random.default_rng(m * 1000 + n)
@@ -129,6 +135,23 @@ def test_portable_path_equals_vectorised_path(session_for, path):
     assert rel_err(fast, portable) < 1e-6
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("m,n,d,bounds,bits,scale_group,batch", [
+    (64, 128, 2, [0, 128], [2], 0, (1,)),
+    (29, 70, 2, [0, 6, 40, 70], [1, 2, 3], 10, (5,)),
+    (19, 62, 1, [0, 30, 62], [6, 5], 0, (3, 2)),
+    (21, 36, 4, [0, 36], [1], 12, (4,)),
+])
+def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bounds, bits, scale_group, batch):
+    # A level the CPU lacks falls back to the next one down, so this passes (and checks) on any x86-64.
+    rng = np.random.default_rng(m + n)
+    weight = random_weight(rng, m, n, d, bounds, bits, perm=True, scale_group=scale_group)
+    bias = nonzero_normal(rng, (m,)).astype(np.float32)
+    x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
+    session = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path="register", isa=isa)
+    assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
 @pytest.mark.parametrize("isa", ["auto", "portable"])
 @pytest.mark.parametrize("piece", [3, 16])
 def test_lut_table_slices(session_for, isa, piece):
@@ -140,10 +163,10 @@ def test_lut_table_slices(session_for, isa, piece):
     assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
 
 
-@pytest.mark.parametrize("path", ["lut", "decode"])
-def test_float16_activations(session_for, path):
+@pytest.mark.parametrize("path,d", [("lut", 4), ("decode", 4), ("register", 2)])
+def test_float16_activations(session_for, path, d):
     rng = np.random.default_rng(3)
-    weight = random_weight(rng, 24, 32, 4, [0, 16, 32], [2, 1], perm=True, scale_group=8)
+    weight = random_weight(rng, 24, 32, d, [0, 16, 32], [2, 1], perm=True, scale_group=8)
     bias = (nonzero_normal(rng, (24,)) * 0.1).astype(np.float16)
     x = nonzero_normal(rng, (5, 32)).astype(np.float16)
     (y,) = session_for(custom_model(weight, (5,), TensorProto.FLOAT16, bias), path=path).run(None, {"x": x})
