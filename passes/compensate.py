@@ -65,6 +65,7 @@ class Compensate(Pass):
     def run(self, ctx) -> PassResult:
         cfg = self.config
         stats, allocation, codebooks = (ctx.artifacts[k] for k in ("stats", "allocation", "codebooks"))
+        scope = ctx.artifacts.get("codebook_scope", "layer-group")
 
         def quantize(weight: np.ndarray, layer: LinearLayer) -> VQWeight | None:
             if layer.key not in allocation:
@@ -75,7 +76,7 @@ class Compensate(Pass):
             layer_stats = stats[layer.key]
             h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
             w = torch.from_numpy(weight).to(torch.float64)
-            extra = {"codebook_scope": "layer-group"}
+            extra = {"codebook_scope": scope}
             if cfg.lam > 0 and layer_stats.gradient is not None:
                 step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.damp_rel)
                 # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw

@@ -79,3 +79,34 @@ def test_set_overrides_pass_options_and_plots_are_written(tmp_path, capsys):
                             ("lam", "PASS.OPTION=VALUE")):
         assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", bad, "--set", option) == 2
         assert message in capsys.readouterr().err and not bad.exists()
+
+
+def test_codebooks_shared_per_modality(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    out = tmp_path / "shared"
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
+                   "--set", "fit-codebooks.scope=modality") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {layer["codebook_scope"] for layer in report["layers"]} == {"modality"}
+    assert report["summary"]["bits_per_weight"] <= 2.0  # every layer's stored copy still counts
+    model = onnx.load(out / "model.onnx")
+    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    books_by_bits: dict[int, list[np.ndarray]] = {}
+    for node in model.graph.node:
+        if node.op_type != "VQGemm":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        rows = inits[node.input[2]]
+        for bits in attrs["group_bits"]:
+            k = 1 << (bits * attrs["vector_dim"])
+            books_by_bits.setdefault(bits, []).append(rows[:k])
+            rows = rows[k:]
+    assert sum(len(books) for books in books_by_bits.values()) > len(books_by_bits)  # something is shared
+    for books in books_by_bits.values():  # one modality ("text" or "other") in this MLP: one codebook per bits
+        assert all(np.array_equal(book, books[0]) for book in books)
+
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", tmp_path / "bad",
+                   "--set", "fit-codebooks.scope=global") == 2
