@@ -7,7 +7,8 @@ Needs onnxruntime-gpu, a CUDA device and the CUDA build of the custom ops
 11008x4096 and SmolLM2-135M's 576x576, 1536x576, 576x1536) and batch 1 and 16, with float16
 activations and every node forced onto the CUDA provider (no CPU fallback): a float16 ``MatMul``,
 ``com.microsoft.MatMulNBits`` at 4 and 2 bits (block 128; "unsupported" where the CUDA provider has no
-kernel for it) and ``mgvq.VQGemm`` at 2 and 3 bits (d = 4, one group, with a column permutation).
+kernel for it) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (mgvq's default) and d = 4 (one group, with a
+column permutation).
 Inputs and outputs stay on the device (io_binding). Two timings, medians of many runs:
 - call: one node per session, the wall time of one ``run_with_iobinding`` (ORT's per-run overhead and
   the stream synchronisation included);
@@ -28,9 +29,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 from mgvq_compile import runtime  # noqa: E402
 from mgvq_compile.errors import MgvqError  # noqa: E402
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight, vqgemm_reference  # noqa: E402
-from opbench import SHAPES  # noqa: E402
+from opbench import SHAPES, time_runs  # noqa: E402
 
 __all__ = ["main", "SHAPES", "OPS", "device_info", "build_model", "markdown_table"]
 
@@ -149,8 +148,10 @@ OPS = (
     OpSpec("fp16 MatMul", dense_node),
     OpSpec("MatMulNBits 4-bit", nbits_node(4), "com.microsoft"),
     OpSpec("MatMulNBits 2-bit", nbits_node(2), "com.microsoft"),
-    OpSpec("mgvq.VQGemm 2-bit", vq_node(2), CUSTOM_DOMAIN),
-    OpSpec("mgvq.VQGemm 3-bit", vq_node(3), CUSTOM_DOMAIN),
+    OpSpec("mgvq.VQGemm 2-bit d2", vq_node(2, 2), CUSTOM_DOMAIN),
+    OpSpec("mgvq.VQGemm 3-bit d2", vq_node(3, 2), CUSTOM_DOMAIN),
+    OpSpec("mgvq.VQGemm 2-bit d4", vq_node(2), CUSTOM_DOMAIN),
+    OpSpec("mgvq.VQGemm 3-bit d4", vq_node(3), CUSTOM_DOMAIN),
 )
 
 
@@ -192,16 +193,8 @@ def bind(session: ort.InferenceSession, x: np.ndarray, outputs: dict[str, tuple[
     return binding
 
 
-def median_s(run: Callable[[], object], budget_s: float, min_runs: int = 20, max_runs: int = 5000) -> float:
-    for _ in range(5):
-        run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_s(run: Callable[[], object], budget_s: float) -> float:
+    return time_runs(run, min_runs=20, max_runs=5000, budget_s=budget_s, warmup=5).median_s
 
 
 def timed_run(session: ort.InferenceSession, binding) -> Callable[[], None]:
