@@ -52,3 +52,18 @@ def test_layer_the_kernels_cannot_take_stays_decomposed(tmp_path, caplog):
     (y_cus,) = create_session(tmp_path / "cus" / "model.onnx").run(None, {"x": x})
     (y_dec,) = ort.InferenceSession(str(tmp_path / "dec" / "model.onnx")).run(None, {"x": x})
     assert np.linalg.norm(y_cus - y_dec) / np.linalg.norm(y_dec) < 1e-5
+
+
+def test_weights_the_kernels_cannot_read_are_named():
+    from mgvq_compile.passes.fuse_vq_gemm import custom_form_obstacle
+
+    x = ir.Value(name="x")
+    w = ir.Value(name="w")
+    matmul = ir.node("MatMul", [x, w])
+    assert custom_form_obstacle(matmul, 8, ir.DataType.FLOAT) is None
+    assert custom_form_obstacle(matmul, 8, ir.DataType.FLOAT16) is None
+    message = custom_form_obstacle(matmul, 8, ir.DataType.BFLOAT16)
+    assert message is not None and "BFLOAT16" in message and "float32 or float16" in message
+    bias = ir.Value(name="b", shape=ir.Shape([8]))
+    assert custom_form_obstacle(ir.node("Gemm", [x, w, bias]), 8, ir.DataType.FLOAT) is None
+    assert "not (9,)" in custom_form_obstacle(ir.node("Gemm", [x, w, bias]), 9, ir.DataType.FLOAT)
