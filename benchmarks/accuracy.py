@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -214,6 +215,17 @@ def _spread(values: list[float]) -> dict:
             "values": values}
 
 
+METRICS = ("perplexity", "log_perplexity", "wer", "nll", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb")
+
+
+def _metric(record: dict, metric: str) -> float | None:
+    """A record's metric; log_perplexity (nats per token, ln of the perplexity) is derived: at 2 bits the
+    perplexities of one method span orders of magnitude across seeds, so their spread is read in logs."""
+    if metric == "log_perplexity":
+        return math.log(record["perplexity"]) if record.get("perplexity") else None
+    return record.get(metric)
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (model, method, bits): metrics as mean/std over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -222,8 +234,8 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for (model, method, bits), runs in groups.items():
         row = {"model": model, "method": method, "bits": bits, "seeds": [r["seed"] for r in runs]}
-        for metric in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb"):
-            values = [r[metric] for r in runs if r.get(metric) is not None]
+        for metric in METRICS:
+            values = [_metric(r, metric) for r in runs if _metric(r, metric) is not None]
             if values:
                 row[metric] = _spread(values)
         rows.append(row)
@@ -240,7 +252,7 @@ def _cell(row: dict, metric: str, digits: int) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        metrics = [("perplexity", 2)] if model == "smollm2" else [("wer", 3), ("nll", 3)]
+        metrics = [("perplexity", 2), ("log_perplexity", 3)] if model == "smollm2" else [("wer", 3), ("nll", 3)]
         names = [m for m, _ in metrics]
         lines += [f"### {model}", "",
                   "| method | bits | seeds | " + " | ".join(names) + " | stored bits/weight | files MB | compile s | peak RSS MB |",

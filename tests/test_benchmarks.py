@@ -173,7 +173,8 @@ def test_accuracy_summary_table_and_cold_compile_line():
     (row,) = accuracy.summarize(runs)
     assert row["perplexity"]["mean"] == 12.0 and row["perplexity"]["std"] == pytest.approx(2 ** 0.5 * 2)
     table = accuracy.markdown([row], "## header")
-    assert "| mgvq | 2 | 2 | 12.00 ± 2.83 | 2.000 ± 0.000 |" in table
+    assert row["log_perplexity"]["values"] == pytest.approx([np.log(10.0), np.log(14.0)])
+    assert "| mgvq | 2 | 2 | 12.00 ± 2.83 | 2.471 ± 0.238 | 2.000 ± 0.000 |" in table
     cold = {"model": "smollm2", "method": "mgvq", "bits": 2.0, "seed": 0, "compile_s": 960.0, "peak_rss_mb": 2000.0,
             "identical_to_cached_run": True}
     (line,) = accuracy.cold_compile_lines([cold])
