@@ -34,7 +34,7 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 5
+    VERSION = 6
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
@@ -45,6 +45,9 @@ class AssignBitsConfig(PassConfig):
     # The "no allocation" ablation: every group gets ``bits`` index bits per weight (a whole number), with
     # codebooks and permutation stored on top, as in gptvq; with groups = 1 no permutation is stored.
     uniform: bool = False
+    # False: every layer's global sensitivity is 1, so layers compete by their local (H-weighted) error
+    # alone; the ablation of the gradient-based global term.
+    global_weighting: bool = True
 
     def __post_init__(self) -> None:
         if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.allowed_bits):
@@ -81,7 +84,7 @@ class AssignBits(Pass):
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
             if len(bounds) == 2:
                 perm = torch.arange(n)  # one group: nothing to reorder, nothing stored
-            layer_global = global_sensitivity(h, h_o, w)
+            layer_global = global_sensitivity(h, h_o, w) if cfg.global_weighting else 1.0
             sensitivities = group_sensitivities(scores, perm, bounds, layer_global)
             layouts[layer.key] = (perm, bounds, sensitivities, layer_global)
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):

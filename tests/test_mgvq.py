@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 from mgvq_compile.cli import main
@@ -110,3 +111,16 @@ def test_codebooks_shared_per_modality(tmp_path):
 
     assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", tmp_path / "bad",
                    "--set", "fit-codebooks.scope=global") == 2
+
+
+def test_global_weighting_off_gives_every_layer_the_same_scale(tmp_path):
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    out = tmp_path / "flat"
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
+                   "--set", "assign-bits.global_weighting=false") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {layer["global_sensitivity"] for layer in report["layers"]} == {1.0}
+    for layer in report["layers"]:  # local scores only split the layer's unit scale among its groups
+        widths = np.diff(layer["group_bounds"])
+        assert np.average(layer["sensitivity"], weights=widths) == pytest.approx(1.0)
+    assert report["summary"]["bits_per_weight"] <= 2.0
