@@ -51,6 +51,7 @@ from opbench import (
     session_rss_growth,
     time_runs,
     vq_model,
+    write_atomic,
 )
 
 __all__ = ["main", "OPS", "SHAPES", "FULL", "QUICK", "add_ratios", "speed_check", "kernel_isa", "memory_check",
@@ -332,13 +333,6 @@ def markdown_report(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -377,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory_checks": [memory_check(decode[0], row) for row in decode[1:]],
     }
     report = markdown_report(record)
-    _write_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")
-    _write_atomic(args.out_dir / "kernels.md", report)
+    write_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")
+    write_atomic(args.out_dir / "kernels.md", report)
     print(report)
     return 0
 

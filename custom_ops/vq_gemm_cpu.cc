@@ -943,7 +943,7 @@ struct VQGemmKernel {
     const uint8_t* codes = codes_val.GetTensorData<uint8_t>();
     ParallelCtx pc{&api_, context};
     if (use_register(rows)) {
-      RunRegister(pc, xp.data(), rows, cb16, codes, codes_val.GetTensorTypeAndShapeInfo().GetElementCount(), scales, y);
+      RunRegister(pc, xp.data(), rows, cb16, codes, scales, y);
     } else if (use_lut(rows)) {
       RunLut(pc, xp.data(), rows, cb16, codes, scales, y);
     } else {
@@ -957,6 +957,14 @@ struct VQGemmKernel {
       uint16_t* y16 = reinterpret_cast<uint16_t*>(y_val.GetTensorMutableRawData());
       for (size_t i = 0; i < y_tmp.size(); ++i) y16[i] = float_to_half(y_tmp[i]);
     }
+  }
+
+  // The optional float16 scales [m, n / scale_group] as float32 (empty without scales).
+  std::vector<float> ScalesAsFloat(const uint16_t* scales) const {
+    if (scales == nullptr) return {};
+    std::vector<float> out((size_t)layout_.m * (layout_.n / layout_.scale_group));
+    for (size_t i = 0; i < out.size(); ++i) out[i] = half_to_float(scales[i]);
+    return out;
   }
 
   // Unpacks output row o's codes of every group into codes_out[vec_offset ...].
@@ -994,11 +1002,7 @@ struct VQGemmKernel {
     int64_t chunk = std::min<int64_t>((int64_t(4) << 20) / table_floats, 32768 / (piece_vectors_ * max_k));
     chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk));
     std::vector<float> tables((size_t)chunk * table_floats);
-    std::vector<float> scale_f;
-    if (scales) {
-      scale_f.resize((size_t)L.m * (L.n / L.scale_group));
-      for (size_t i = 0; i < scale_f.size(); ++i) scale_f[i] = half_to_float(scales[i]);
-    }
+    const std::vector<float> scale_f = ScalesAsFloat(scales);
     constexpr int64_t kVecBlock = 256;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t nr = std::min(chunk, rows - r0);
@@ -1061,7 +1065,7 @@ struct VQGemmKernel {
   }
 
   void RunRegister(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,
-                   size_t codes_nbytes, const uint16_t* scales, float* y) const {
+                   const uint16_t* scales, float* y) const {
     const Layout& L = layout_;
     const int64_t d = L.d;
     const int dim_class = register_dim_class();
@@ -1104,12 +1108,8 @@ struct VQGemmKernel {
           for (int64_t t = 0; t < d; ++t) dst[t * P.comp_stride + at] = src[v * d + t];
         }
       }
-    std::vector<float> scale_f;
-    if (scales) {
-      scale_f.resize((size_t)L.m * (L.n / L.scale_group));
-      for (size_t i = 0; i < scale_f.size(); ++i) scale_f[i] = half_to_float(scales[i]);
-    }
-    const uint8_t* codes_end = codes + codes_nbytes;
+    const std::vector<float> scale_f = ScalesAsFloat(scales);
+    const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
     constexpr int64_t kOutBlock = 16;  // output rows per task (even: the nibble kernel takes them in pairs)
     const size_t ntasks = (size_t)((L.m + kOutBlock - 1) / kOutBlock);
     parallel_for(pc, ntasks, [&](size_t i) {
