@@ -10,6 +10,7 @@ import torch
 
 from mgvq_compile.algorithms.allocation import GroupSpec, allocate_bits, summarize_allocation
 from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivity, group_sensitivities, local_sensitivity
+from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import weight_matrix
 from mgvq_compile.passes._common import MAX_CODE_BITS, layer_hessian
@@ -34,7 +35,7 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 6
+    VERSION = 7
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
@@ -84,7 +85,7 @@ class AssignBits(Pass):
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
             if len(bounds) == 2:
                 perm = torch.arange(n)  # one group: nothing to reorder, nothing stored
-            layer_global = global_sensitivity(h, h_o, w) if cfg.global_weighting else 1.0
+            layer_global = global_sensitivity(h, h_o, w, kronecker_scale(layer_stats)) if cfg.global_weighting else 1.0
             sensitivities = group_sensitivities(scores, perm, bounds, layer_global)
             layouts[layer.key] = (perm, bounds, sensitivities, layer_global)
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):

@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CollectStatsConfig(PassConfig):
-    VERSION = 1
+    VERSION = 2
     gradients: bool = True
+    # False: every token weighs 1 in H_I (H_I = H_X / T), the ablation of the importance weighting;
+    # G, H_O and the Fisher trace keep the gradients.
+    token_importance: bool = True
     max_samples: int = 128
     full_output_hessian_limit: int = 4096  # wider layers keep only the diagonal of H_O
 
@@ -106,7 +109,8 @@ class CollectStats(Pass):
                     if y.grad is None:
                         raise CalibrationError(f"no gradient reached layer {layer.key} from the loss")
                     g = y.grad.reshape(-1, y.shape[-1])
-                accumulate(stats[layer.key], x, g, self._token_masks(ctx, layer, token_modality, x.shape[0]))
+                accumulate(stats[layer.key], x, g, self._token_masks(ctx, layer, token_modality, x.shape[0]),
+                           token_importance=self.config.token_importance)
             executor.zero_grad()
         return stats
 

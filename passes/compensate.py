@@ -16,8 +16,10 @@ from mgvq_compile.algorithms.gptq import (
     newton_step,
     trust_region_target,
 )
+from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
 from mgvq_compile.algorithms.statistics import kronecker_scale, proxy_loss
+from mgvq_compile.algorithms.weighted_kmeans import refine_group_codebooks
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import quantize_layers
@@ -29,7 +31,7 @@ __all__ = ["CompensateConfig", "Compensate"]
 
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig(PassConfig):
-    VERSION = 7
+    VERSION = 8
     # How far the rounding target moves along the Newton direction -H_O^-1 G H_I^-1, as a fraction of
     # the weights' H_I-norm (a trust radius); 0 = plain second-order rounding toward W.
     # Default 0: on SmolLM2-135M at 2 bits (one seed) lam = 0 / 0.01 / 0.05 / 0.2 gave perplexity
@@ -38,6 +40,9 @@ class CompensateConfig(PassConfig):
     damp_rel: float = 0.01
     two_sided: bool = False  # BlockLDLQ under H_O (x) H_I (a slow reference loop over rows)
     block_metric: bool = True  # nearest codeword in the metric of each block's LDL pivot, not Euclidean
+    # After rounding, re-solve each (layer, group) codebook for the fixed codes under the full H_I
+    # (method page, section 3); per-modality shared codebooks are never refined per layer.
+    refine_codebooks: bool = True
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -103,12 +108,18 @@ class Compensate(Pass):
                 q = block_ldlq_two_sided(w[:, perm], h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
             else:
                 q = block_ldlq(w[:, perm], h_perm, assign, d=d, damp_rel=cfg.damp_rel)
-            groups = []
-            for index, ((start, stop), bits) in enumerate(zip(zip(plan.bounds, plan.bounds[1:]), plan.bits)):
-                # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
-                vectors = q[:, start:stop].reshape(-1, d).to(torch.float32)
-                codes = assign_nearest(vectors, centroid_sets[index]).reshape(m, -1)
-                groups.append(VQGroup(start, stop, bits, books[index], codes.numpy()))
+            spans = list(zip(plan.bounds, plan.bounds[1:]))
+            # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
+            codes = [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), centroid_sets[index]).reshape(m, -1)
+                     for index, (start, stop) in enumerate(spans)]
+            if cfg.refine_codebooks and scope == "layer-group":
+                extra["proxy_loss_before_refinement"] = proxy_loss(
+                    torch.from_numpy(weight)[:, perm], q, layer_stats.h_x[perm][:, perm])
+                centroid_sets = refine_group_codebooks(
+                    w[:, perm], codes, centroid_sets, plan.bounds, damp(h_perm, cfg.damp_rel)[0], d)
+                books = [book.numpy().astype(np.float16) for book in centroid_sets]
+            groups = [VQGroup(start, stop, bits, books[index], codes[index].numpy())
+                      for index, ((start, stop), bits) in enumerate(zip(spans, plan.bits))]
             identity = bool(torch.equal(perm, torch.arange(n)))
             result = VQWeight(m, n, d, tuple(groups), None if identity else perm.numpy().astype(np.int32))
             original = torch.from_numpy(weight)

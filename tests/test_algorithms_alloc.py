@@ -25,9 +25,11 @@ from mgvq_compile.algorithms.sensitivity import (
     group_sensitivities,
     local_sensitivity,
 )
+from mgvq_compile.algorithms.statistics import accumulate, kronecker_scale, new_statistics
 from mgvq_compile.algorithms.weighted_kmeans import (
     hessian_loss,
     refine_centroids,
+    refine_group_codebooks,
     weighted_assign,
     weighted_distortion,
     weighted_kmeans,
@@ -119,6 +121,35 @@ def test_refine_centroids_never_increases_the_hessian_loss() -> None:
         assert after < 0.99 * before  # correlated H: the diagonal fit is improvable
 
 
+def test_refine_group_codebooks_lowers_the_layer_loss_across_coupled_groups() -> None:
+    d, k, bounds = 2, 8, [0, 6, 12, 16]
+    for seed in range(4):
+        w, h = _layer(40, 16, seed)
+        books, codes = [], []
+        for a, b in zip(bounds, bounds[1:]):
+            book, code = _initial_codebook(w[:, a:b], h[a:b, a:b], d, k)
+            books.append(book.to(torch.float16).to(torch.float32))
+            codes.append(code)
+
+        def layer_loss(cbs: list[torch.Tensor]) -> float:
+            q = torch.cat([cb[c].reshape(40, -1) for cb, c in zip(cbs, codes)], dim=1).to(torch.float64)
+            err = w.to(torch.float64) - q
+            return float(((err @ h.to(torch.float64)) * err).sum())
+
+        refined = refine_group_codebooks(w, codes, books, bounds, h, d)
+        assert all(r.shape == (k, d) for r in refined)
+        assert all(torch.equal(r, r.to(torch.float16).to(torch.float32)) for r in refined)  # stored as float16
+        assert layer_loss(refined) < 0.95 * layer_loss(books)
+        # Refining each group alone against W (ignoring the coupling through H) does worse.
+        alone = [refine_centroids(w[:, a:b], c, h[a:b, a:b], d, k, centroids=cb).to(torch.float16).to(torch.float32)
+                 for (a, b), c, cb in zip(zip(bounds, bounds[1:]), codes, books)]
+        assert layer_loss(refined) < layer_loss(alone)
+    book, code = _initial_codebook(w, h, d, k)
+    one = refine_group_codebooks(w, [code], [book], [0, 16], h, d)  # one group: no coupling
+    expected = refine_centroids(w, code, h, d, k, centroids=book)
+    torch.testing.assert_close(one[0], expected.to(torch.float16).to(torch.float32))
+
+
 def test_refine_centroids_solves_the_least_squares_exactly_on_a_small_problem() -> None:
     m, n, d, k = 20, 8, 2, 6
     w, h = _layer(m, n, 11)
@@ -156,6 +187,36 @@ def test_sensitivities_follow_their_formulas() -> None:
     manual = float(h_o_full.diagonal().mean() * h_i.diagonal().mean() * (w**2).sum() / 48)
     assert value == pytest.approx(manual, rel=1e-6)
     assert global_sensitivity(h_i, h_o_full.diagonal(), w) == pytest.approx(value, rel=1e-12)
+    assert global_sensitivity(h_i, h_o_full, w, 7.5) == pytest.approx(7.5 * value, rel=1e-12)
+    with pytest.raises(ValueError):
+        global_sensitivity(h_i, h_o_full, w, 0.0)
+
+
+def test_global_sensitivity_with_kronecker_scale_is_the_fisher_trace_per_weight() -> None:
+    # i.i.d. errors of variance sigma^2 cost sigma^2 tr(F), tr(F) = sum_t |g_t|^2 |x_t|^2: the total over
+    # tokens, so a layer that reads twice the tokens (with the same per-token statistics) weighs twice.
+    g = torch.Generator().manual_seed(3)
+    m, n, tokens = 5, 7, 40
+    x = torch.randn(tokens, n, generator=g) * torch.rand(tokens, 1, generator=g)
+    grad = torch.randn(tokens, m, generator=g) * torch.rand(tokens, 1, generator=g)
+    w = torch.randn(m, n, generator=g)
+    once = new_statistics(n, m, gradients=True, full_output_hessian=True)
+    accumulate(once, x, grad)
+    twice = new_statistics(n, m, gradients=True, full_output_hessian=True)
+    accumulate(twice, x, grad)
+    accumulate(twice, x, grad)
+    fisher_trace = float(((grad.double() ** 2).sum(1) * (x.double() ** 2).sum(1)).sum())
+    expected = fisher_trace / (m * n) * float((w.double() ** 2).sum()) / (m * n)
+    value = global_sensitivity(once.h_i, once.h_o, w, kronecker_scale(once))
+    assert value == pytest.approx(expected, rel=1e-5)
+    assert global_sensitivity(twice.h_i, twice.h_o, w, kronecker_scale(twice)) == pytest.approx(2 * value, rel=1e-5)
+    # Without the scale, the normalised factors cannot tell the two apart.
+    assert global_sensitivity(twice.h_i, twice.h_o, w) == pytest.approx(global_sensitivity(once.h_i, once.h_o, w), rel=1e-5)
+    # Without token importance, H_I is H_X / T and the scale still restores the Fisher trace.
+    uniform = new_statistics(n, m, gradients=True, full_output_hessian=False)
+    accumulate(uniform, x, grad, token_importance=False)
+    torch.testing.assert_close(uniform.h_i, uniform.h_x / tokens)
+    assert global_sensitivity(uniform.h_i, uniform.h_o, w, kronecker_scale(uniform)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_channel_groups_permutation_and_bounds() -> None:

@@ -31,20 +31,27 @@ def _mean_diagonal(h: torch.Tensor) -> float:
     return float(diag.to(torch.float64).mean())
 
 
-def global_sensitivity(h_i: torch.Tensor, h_o: torch.Tensor, w: torch.Tensor) -> float:
-    """mean(diag H_O) * mean(diag H_I) * ||W||_F^2 / (m n): the end-loss weight of one quantized weight.
+def global_sensitivity(h_i: torch.Tensor, h_o: torch.Tensor, w: torch.Tensor, scale: float = 1.0) -> float:
+    """scale * mean(diag H_O) * mean(diag H_I) * ||W||_F^2 / (m n): the end-loss weight of one quantized weight.
 
-    Why this form: with H ~ H_O (x) H_I, an error E whose entries are independent with variance
-    sigma^2 costs E[tr(H_O E H_I E^T)] = sigma^2 tr(H_O) tr(H_I). A quantizer at b bits leaves
-    sigma^2 ~ (||W||_F^2 / (m n)) 2^(-2b) (error relative to the mean weight energy), so the layer's
-    expected loss is m n * [this value] * 2^(-2b): a per-weight sensitivity, which the allocation then
-    multiplies by the number of weights of each group. ``h_o`` may be full [m, m] or its diagonal [m].
+    Why this form: with the Fisher F ~ scale * (H_O (x) H_I), an error E whose entries are independent
+    with variance sigma^2 costs E[vec(E)^T F vec(E)] = sigma^2 * scale * tr(H_O) tr(H_I). A quantizer at
+    b bits leaves sigma^2 ~ (||W||_F^2 / (m n)) 2^(-2b) (error relative to the mean weight energy), so the
+    layer's expected loss is m n * [this value] * 2^(-2b): a per-weight sensitivity, which the allocation
+    then multiplies by the number of weights of each group. ``h_o`` may be full [m, m] or its diagonal [m].
+
+    ``scale`` is the Kronecker scale (:func:`mgvq_compile.algorithms.statistics.kronecker_scale`, about
+    the number of tokens the layer saw): H_I and H_O are normalised averages, so without it a layer that
+    reads 1500 audio frames per sample and one that reads 48 text tokens would be weighed as if each saw
+    one token, and layers across a model with different sequence lengths could not be compared.
     """
     m, n = w.shape
     if h_i.shape != (n, n) or h_o.shape not in ((m, m), (m,)):
         raise ValueError(f"H_I {tuple(h_i.shape)} / H_O {tuple(h_o.shape)} do not match W {tuple(w.shape)}")
+    if not scale > 0.0:
+        raise ValueError(f"the Kronecker scale must be positive, got {scale}")
     energy = float((w.to(torch.float64) ** 2).sum()) / (m * n)
-    return _mean_diagonal(h_o) * _mean_diagonal(h_i) * energy
+    return scale * _mean_diagonal(h_o) * _mean_diagonal(h_i) * energy
 
 
 def channel_groups(scores: torch.Tensor, groups: int, d: int) -> tuple[torch.Tensor, list[int]]:

@@ -3,6 +3,8 @@
 For tokens t with inputs x_t (n) and output gradients g_t (m):
   H_X = sum_t x_t x_t^T,  G = sum_t g_t x_t^T,
   H_I = sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2,  H_O = sum_t |x_t|^2 g_t g_t^T / sum_t |x_t|^2.
+With ``token_importance=False`` every token weighs 1 in H_I (H_I = H_X / T: the ablation of the
+importance weighting; H_O and G are unchanged).
 Sums are accumulated in float32 and never stored per token.
 """
 
@@ -23,14 +25,15 @@ class LayerStatistics:
     gradient: torch.Tensor | None = None  # G [m, n]
     h_i_sum: torch.Tensor | None = None  # sum_t |g_t|^2 x_t x_t^T
     h_o_sum: torch.Tensor | None = None  # sum_t |x_t|^2 g_t g_t^T (full [m, m] or its diagonal [m])
-    grad_sq_total: float = 0.0
+    importance_total: float = 0.0  # sum of the token weights of H_I (sum_t |g_t|^2, or T)
     input_sq_total: float = 0.0
+    fisher_trace: float = 0.0  # sum_t |g_t|^2 |x_t|^2 = tr of the empirical Fisher
 
     @property
     def h_i(self) -> torch.Tensor | None:
-        if self.h_i_sum is None or self.grad_sq_total <= 0.0:
+        if self.h_i_sum is None or self.importance_total <= 0.0:
             return None
-        return self.h_i_sum / self.grad_sq_total
+        return self.h_i_sum / self.importance_total
 
     @property
     def h_o(self) -> torch.Tensor | None:
@@ -54,6 +57,7 @@ def accumulate(
     x: torch.Tensor,
     g: torch.Tensor | None = None,
     token_modality: dict[str, torch.Tensor] | None = None,
+    token_importance: bool = True,
 ) -> None:
     """Add tokens ``x`` [T, n] (and their output gradients ``g`` [T, m]) to ``stats``.
 
@@ -73,13 +77,15 @@ def accumulate(
     g_sq = (g * g).sum(dim=1)
     x_sq = (x * x).sum(dim=1)
     stats.gradient += g.T @ x
-    stats.h_i_sum += (x * g_sq[:, None]).T @ x
+    importance = g_sq if token_importance else torch.ones_like(g_sq)
+    stats.h_i_sum += (x * importance[:, None]).T @ x
     if stats.h_o_sum.dim() == 2:
         stats.h_o_sum += (g * x_sq[:, None]).T @ g
     else:
         stats.h_o_sum += (g * g * x_sq[:, None]).sum(dim=0)
-    stats.grad_sq_total += float(g_sq.sum())
+    stats.importance_total += float(importance.sum())
     stats.input_sq_total += float(x_sq.sum())
+    stats.fisher_trace += float((g_sq * x_sq).sum())
 
 
 def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -97,12 +103,12 @@ def kronecker_scale(stats: LayerStatistics) -> float:
     """s with F ~ s * (H_O kron H_I), F = sum_t (g_t g_t^T) kron (x_t x_t^T) the empirical Fisher.
 
     H_I and H_O are normalised averages, so their product lacks the Fisher's scale; matching traces,
-    tr F = sum_t |g_t|^2 |x_t|^2 = tr(h_i_sum), gives s = sum|x|^2 * sum|g|^2 / sum_t |g_t|^2 |x_t|^2
-    (about the number of tokens when the norms are uncorrelated).
+    s = tr F / (tr H_O * tr H_I), which with importance-weighted H_I is
+    sum|x|^2 * sum|g|^2 / sum_t |g_t|^2 |x_t|^2 (about the number of tokens when the norms are uncorrelated).
     """
-    if stats.h_i_sum is None:
+    h_i, h_o = stats.h_i, stats.h_o
+    if h_i is None or h_o is None or stats.fisher_trace <= 0.0:
         return 1.0
-    fisher_trace = float(torch.trace(stats.h_i_sum))
-    if fisher_trace <= 0.0:
-        return 1.0
-    return stats.input_sq_total * stats.grad_sq_total / fisher_trace
+    h_o_trace = h_o.diagonal().sum() if h_o.dim() == 2 else h_o.sum()  # H_O may be kept as its diagonal
+    factors_trace = float(torch.trace(h_i)) * float(h_o_trace)
+    return stats.fisher_trace / factors_trace if factors_trace > 0.0 else 1.0

@@ -3,7 +3,8 @@
 ``weighted_kmeans`` minimises sum_i sum_j w_ij (v_ij - c_j)^2 over the vectors' codes and the
 codewords: the diagonal-Hessian metric, w_ij = diag(H_I) of the vector's column times diag(H_O) of
 its row. ``refine_centroids`` then re-solves the codewords for fixed codes under the full input
-Hessian, tr((W - C[codes]) H (W - C[codes])^T).
+Hessian, tr((W - C[codes]) H (W - C[codes])^T); ``refine_group_codebooks`` does so for every channel
+group of a layer, each group's target carrying the other groups' error through H.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import logging
 
 import torch
 
-__all__ = ["weighted_kmeans", "weighted_assign", "weighted_distortion", "refine_centroids", "hessian_loss"]
+__all__ = [
+    "weighted_kmeans",
+    "weighted_assign",
+    "weighted_distortion",
+    "refine_centroids",
+    "refine_group_codebooks",
+    "hessian_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -239,3 +247,49 @@ def refine_centroids(
         logger.debug("centroid refinement did not lower the loss (%g -> %g); kept the input", before, after)
         return start
     return refined
+
+
+def refine_group_codebooks(
+    w_target: torch.Tensor,
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    bounds: list[int],
+    h: torch.Tensor,
+    d: int,
+    *,
+    iterations: int = 30,
+) -> list[torch.Tensor]:
+    """Codebooks of a layer's channel groups re-solved for fixed codes under the full ``h`` [n, n].
+
+    Minimises tr(E H E^T), E = W - Q, Q's group g = C_g[codes_g] over columns bounds[g]:bounds[g+1], one
+    group after another (Gauss-Seidel). With the other groups' error E_r fixed, the loss in C_g is
+    tr((T_g - Q_g) H_gg (T_g - Q_g)^T) + const with T_g = W_g + E_r H_rg H_gg^-1, so each group is a
+    :func:`refine_centroids` problem on that target. No step raises the loss: a group keeps its codebook
+    when the refined one (rounded to the float16 it is stored in) is not better.
+    ``h`` must be positive definite (damp it first); codebooks come back as float16-exact float32.
+    """
+    w64 = w_target.to(torch.float64)
+    h64 = h.to(torch.float64)
+    m = w64.shape[0]
+    books = [c.to(torch.float32).clone() for c in codebooks]
+
+    def decoded(g: int) -> torch.Tensor:
+        return books[g].to(torch.float64)[codes[g].to(torch.int64)].reshape(m, -1)
+
+    error = torch.cat([w64[:, a:b] - decoded(g) for g, (a, b) in enumerate(zip(bounds, bounds[1:]))], dim=1)
+    for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        own = slice(a, b)
+        rest = torch.ones(w64.shape[1], dtype=torch.bool)
+        rest[own] = False
+        h_gg = h64[own, own]
+        target = w64[:, own]
+        if bool(rest.any()):
+            coupling = error[:, rest] @ h64[rest][:, own]  # [m, n_g]
+            target = target + torch.cholesky_solve(coupling.T, torch.linalg.cholesky(h_gg)).T
+        k = books[g].shape[0]
+        refined = refine_centroids(target, codes[g], h_gg, d, k, centroids=books[g], iterations=iterations)
+        refined = refined.to(torch.float16).to(torch.float32)
+        if hessian_loss(target, codes[g], refined, h_gg, d) < hessian_loss(target, codes[g], books[g], h_gg, d):
+            books[g] = refined
+            error[:, own] = w64[:, own] - decoded(g)
+    return books
