@@ -27,7 +27,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+def ort_session(path: str | Path | bytes, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An ORT session (CPU unless ``providers`` says otherwise) with the mgvq custom ops registered, so
     compiled models (``mgvq.VQGemm`` nodes) run as well as float and ``--portable`` ones."""
     return create_session(path, providers=providers, threads=threads)
@@ -57,6 +57,7 @@ def perplexity_ort(
     predictions per window, no context carried over.
     """
     session = session or ort_session(path, providers)
+    split = _SplitWhisper(path, providers) if path is not None else None
     if callable(tokenizer_or_ids):
         if text is None:
             raise ValueError("perplexity_ort needs text when given a tokenizer")
@@ -98,8 +99,26 @@ def wer(ref: str, hyp: str) -> float:
     return errors / n if n else float(errors > 0)
 
 
-def _whisper_greedy(session: ort.InferenceSession, feats: np.ndarray, decoder_len: int, max_new_tokens: int,
-                    suppress: tuple[list[int], list[int]]) -> list[int]:
+class _SplitWhisper:
+    """Greedy-decoding runner: the encoder part (audio features -> cross-attention keys/values) runs once
+    per utterance, the decoder part once per token (:func:`mgvq_compile.graph_split.split_static_part`)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None):
+        import onnx
+
+        from mgvq_compile.graph_split import split_static_part
+
+        static, dynamic, self.frontier = split_static_part(onnx.load(str(path)), ["input_features"])
+        self.encoder = ort_session(static.SerializeToString(), providers)
+        self.decoder = ort_session(dynamic.SerializeToString(), providers)
+
+    def step_function(self, feats: np.ndarray):
+        cached = dict(zip(self.frontier, self.encoder.run(self.frontier, {"input_features": feats})))
+        return lambda ids: self.decoder.run(["logits"], {"decoder_input_ids": ids, **cached})[0]
+
+
+def _whisper_greedy(logits_of, decoder_len: int, max_new_tokens: int, suppress: tuple[list[int], list[int]]) -> list[int]:
+    """Greedy tokens after the prompt; ``logits_of(ids [1, decoder_len]) -> logits`` for fixed audio."""
     from mgvq_compile.models.whisper_ct2 import DECODER_PROMPT, EOT_ID, apply_suppression
 
     ids = np.full((1, decoder_len), EOT_ID, dtype=np.int64)
@@ -107,8 +126,7 @@ def _whisper_greedy(session: ort.InferenceSession, feats: np.ndarray, decoder_le
     ids[0, :n] = DECODER_PROMPT
     generated: list[int] = []
     while n < decoder_len and len(generated) < max_new_tokens:
-        (logits,) = session.run(["logits"], {"input_features": feats, "decoder_input_ids": ids})
-        step = logits[0, n - 1].astype(np.float64)
+        step = logits_of(ids)[0, n - 1].astype(np.float64)
         apply_suppression(step, len(generated), suppress)
         nxt = int(step.argmax())
         if nxt == EOT_ID:
@@ -130,13 +148,16 @@ def whisper_eval_ort(
     the transcript's text and end-of-text tokens of the reference, fed padded to ``decoder_len`` (the
     decoder is causal, so the padding after a position cannot change its logits). Greedy decoding uses the
     same fixed-length graph: the tokens so far are padded to ``decoder_len`` and the logits at the last
-    real position pick the next token, one full graph run (encoder included) per token, until end-of-text
-    or ``decoder_len`` tokens. WER is corpus-level: total word edits over total reference words.
+    real position pick the next token, until end-of-text or ``decoder_len`` tokens. Given a ``path``, the
+    graph is split so the encoder runs once per utterance and only the decoder per token (the same
+    computation; logits agree to float rounding); given only a ``session``, the whole graph runs per token.
+    WER is corpus-level: total word edits over total reference words.
     """
     from mgvq_compile.calibration.speech import SAMPLE_RATE, synthesize_speech
     from mgvq_compile.models.whisper_ct2 import DECODER_PROMPT, EOT_ID, suppress_token_ids, whisper_feature_extractor
 
     session = session or ort_session(path, providers)
+    split = _SplitWhisper(path, providers) if path is not None else None
     feature_extractor = feature_extractor or whisper_feature_extractor()
     suppress = suppress_token_ids()
     if audios is not None and len(audios) != len(references):
@@ -155,8 +176,11 @@ def whisper_eval_ort(
         labels = next_token_labels(padded, first_target=len(DECODER_PROMPT), n_real=ref_ids.size)
         nll, n = token_nll(logits, labels)
         total_nll, n_tokens = total_nll + nll, n_tokens + n
-        hyp = tokenizer.decode(_whisper_greedy(session, feats, decoder_len, budget, suppress),
-                               skip_special_tokens=True).strip()
+        if split is not None:
+            logits_of = split.step_function(feats)
+        else:
+            logits_of = lambda ids: session.run(["logits"], {"input_features": feats, "decoder_input_ids": ids})[0]  # noqa: E731
+        hyp = tokenizer.decode(_whisper_greedy(logits_of, decoder_len, budget, suppress), skip_special_tokens=True).strip()
         e, w = word_errors(ref, hyp)
         errors, n_words = errors + e, n_words + w
         hypotheses.append(hyp)

@@ -134,6 +134,9 @@ def test_whisper_onnx_export_matches_torch_and_transcribes(whisper, tmp_path):
     result = whisper_eval_ort(None, tokenizer, [SPOKEN], decoder_len=16, audios=[audio], session=session)
     assert result["wer"] < 0.5, result["hypotheses"]
     assert 0 < result["nll"] < 2.0 and result["n_tokens"] == len(ref) - 2
+    # From a path, greedy decoding runs the encoder once and the decoder per token: same transcript.
+    split = whisper_eval_ort(path, tokenizer, [SPOKEN], decoder_len=16, audios=[audio])
+    assert split["hypotheses"] == result["hypotheses"] and split["nll"] == result["nll"]
 
     # The calibration executor runs the same graph: forward equals ORT, weight gradients equal torch's.
     from mgvq_compile.calibration.executor import GraphExecutor
