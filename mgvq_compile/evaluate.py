@@ -57,7 +57,6 @@ def perplexity_ort(
     predictions per window, no context carried over.
     """
     session = session or ort_session(path, providers)
-    split = _SplitWhisper(path, providers) if path is not None else None
     if callable(tokenizer_or_ids):
         if text is None:
             raise ValueError("perplexity_ort needs text when given a tokenizer")
