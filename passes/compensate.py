@@ -103,27 +103,28 @@ class Compensate(Pass):
                     chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
                 return book[chosen].to(targets.dtype)
 
-            before = _nearest_codewords(torch.from_numpy(weight)[:, perm], centroid_sets, block_group, d)
+            original = torch.from_numpy(weight)[:, perm]
+            h_x_perm = layer_stats.h_x[perm][:, perm]  # the report's proxy metric
+            target = w[:, perm]
+            before = _nearest_codewords(original, centroid_sets, block_group, d)
             if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
-                q = block_ldlq_two_sided(w[:, perm], h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
+                q = block_ldlq_two_sided(target, h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
             else:
-                q = block_ldlq(w[:, perm], h_perm, assign, d=d, damp_rel=cfg.damp_rel)
+                q = block_ldlq(target, h_perm, assign, d=d, damp_rel=cfg.damp_rel)
             spans = list(zip(plan.bounds, plan.bounds[1:]))
             # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
             codes = [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), centroid_sets[index]).reshape(m, -1)
                      for index, (start, stop) in enumerate(spans)]
             if cfg.refine_codebooks and scope == "layer-group":
-                extra["proxy_loss_before_refinement"] = proxy_loss(
-                    torch.from_numpy(weight)[:, perm], q, layer_stats.h_x[perm][:, perm])
+                extra["proxy_loss_before_refinement"] = proxy_loss(original, q, h_x_perm)
                 centroid_sets = refine_group_codebooks(
-                    w[:, perm], codes, centroid_sets, plan.bounds, damp(h_perm, cfg.damp_rel)[0], d)
+                    target, codes, centroid_sets, plan.bounds, damp(h_perm, cfg.damp_rel)[0], d)
                 books = [book.numpy().astype(np.float16) for book in centroid_sets]
             groups = [VQGroup(start, stop, bits, books[index], codes[index].numpy())
                       for index, ((start, stop), bits) in enumerate(zip(spans, plan.bits))]
             identity = bool(torch.equal(perm, torch.arange(n)))
             result = VQWeight(m, n, d, tuple(groups), None if identity else perm.numpy().astype(np.int32))
-            original = torch.from_numpy(weight)
-            extra["proxy_loss_before_compensation"] = proxy_loss(original[:, perm], before, layer_stats.h_x[perm][:, perm])
+            extra["proxy_loss_before_compensation"] = proxy_loss(original, before, h_x_perm)
             return result, extra
 
         quantized, metrics = quantize_layers(ctx, f"compensate (lam={cfg.lam})", quantize)

@@ -30,6 +30,14 @@ def _mlp_with_calibration(tmp_path):
     return mlp, calib_dir
 
 
+def _compile_mgvq(tmp_path, mlp, calib_dir, name: str, *options) -> tuple:
+    """Compile ``mlp`` with mgvq and ``options``; (output dir, report)."""
+    out = tmp_path / name
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
+                   *options) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
 def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
     mlp, calib_dir = _mlp_with_calibration(tmp_path)
     rng = np.random.default_rng(1)
@@ -63,15 +71,12 @@ def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
 
 def test_set_overrides_pass_options_and_plots_are_written(tmp_path, capsys):
     mlp, calib_dir = _mlp_with_calibration(tmp_path)
-    out = tmp_path / "out"
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
-                   "--set", "compensate.lam=0.2", "--set", "*.vector_dim=2", "--set", "assign-bits.groups=2",
-                   "--plots") == 0
+    out, report = _compile_mgvq(tmp_path, mlp, calib_dir, "out", "--set", "compensate.lam=0.2",
+                                "--set", "*.vector_dim=2", "--set", "assign-bits.groups=2", "--plots")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     options = {p["pass"]: p for p in recipe["passes"]}
     assert options["compensate"]["lam"] == 0.2 and options["assign-bits"]["groups"] == 2
     assert all(p["vector_dim"] == 2 for p in recipe["passes"] if "vector_dim" in p)
-    report = json.loads((out / "report.json").read_text())
     assert {layer["vector_dim"] for layer in report["layers"]} == {2}
     assert all(len(layer["bits"]) == 2 for layer in report["layers"])
     for name in PLOT_FILES:
@@ -89,10 +94,7 @@ def test_codebooks_shared_per_modality(tmp_path):
     from onnx import numpy_helper
 
     mlp, calib_dir = _mlp_with_calibration(tmp_path)
-    out = tmp_path / "shared"
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
-                   "--set", "fit-codebooks.scope=modality") == 0
-    report = json.loads((out / "report.json").read_text())
+    out, report = _compile_mgvq(tmp_path, mlp, calib_dir, "shared", "--set", "fit-codebooks.scope=modality")
     assert {layer["codebook_scope"] for layer in report["layers"]} == {"modality"}
     assert not any("proxy_loss_before_refinement" in layer for layer in report["layers"])  # shared: not refined
     assert report["summary"]["bits_per_weight"] <= 2.0  # every layer's stored copy still counts
@@ -117,11 +119,7 @@ def test_codebooks_shared_per_modality(tmp_path):
 
 
 def test_global_weighting_off_gives_every_layer_the_same_scale(tmp_path):
-    mlp, calib_dir = _mlp_with_calibration(tmp_path)
-    out = tmp_path / "flat"
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
-                   "--set", "assign-bits.global_weighting=false") == 0
-    report = json.loads((out / "report.json").read_text())
+    _out, report = _compile_mgvq(tmp_path, *_mlp_with_calibration(tmp_path), "flat", "--set", "assign-bits.global_weighting=false")
     assert {layer["global_sensitivity"] for layer in report["layers"]} == {1.0}
     for layer in report["layers"]:  # local scores only split the layer's unit scale among its groups
         widths = np.diff(layer["group_bounds"])
