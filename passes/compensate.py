@@ -11,15 +11,16 @@ import torch
 from mgvq_compile.algorithms.gptq import (
     block_ldlq,
     block_ldlq_two_sided,
+    block_metrics_of,
+    feedback_factor,
     hessian_norm,
-    ldlq_block_metrics,
     newton_step,
     trust_region_target,
 )
 from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
 from mgvq_compile.algorithms.statistics import kronecker_scale, proxy_loss
-from mgvq_compile.algorithms.weighted_kmeans import refine_group_codebooks
+from mgvq_compile.algorithms.weighted_kmeans import alternate_codes_and_codebooks
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import quantize_layers
@@ -31,7 +32,7 @@ __all__ = ["CompensateConfig", "Compensate"]
 
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig(PassConfig):
-    VERSION = 8
+    VERSION = 9
     # How far the rounding target moves along the Newton direction -H_O^-1 G H_I^-1, as a fraction of
     # the weights' H_I-norm (a trust radius); 0 = plain second-order rounding toward W.
     # Default 0: on SmolLM2-135M at 2 bits (one seed) lam = 0 / 0.01 / 0.05 / 0.2 gave perplexity
@@ -43,10 +44,18 @@ class CompensateConfig(PassConfig):
     # After rounding, re-solve each (layer, group) codebook for the fixed codes under the full H_I
     # (method page, section 3); per-modality shared codebooks are never refined per layer.
     refine_codebooks: bool = True
+    # Refinements, each but the last followed by re-rounding the codes with BlockLDLQ for the refined
+    # codebooks (kept when it lowers the layer loss). 1 = refine once for the first codes. Seed 0, 2 bits,
+    # SmolLM2 layer 11's down projection (one group): layer loss 0.864 after rounding, 0.543 refined once
+    # (weight error 1.9x its norm), 0.0003 after three rounds (weight error 0.44x).
+    refine_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.lam < 0:
             raise RecipeError(f"compensate lam must be >= 0, got {self.lam}")
+        if self.refine_rounds < 1:
+            raise RecipeError(f"compensate refine_rounds must be >= 1, got {self.refine_rounds}",
+                              "set compensate.refine_codebooks=false to skip refinement")
 
 
 def _nearest_codewords(w: torch.Tensor, books: list[torch.Tensor], block_group: np.ndarray, d: int) -> torch.Tensor:
@@ -58,6 +67,10 @@ def _nearest_codewords(w: torch.Tensor, books: list[torch.Tensor], block_group: 
         vectors = w[:, cols].reshape(-1, d).to(torch.float32)
         out[:, cols] = books[group][assign_nearest(vectors, books[group])].reshape(w.shape[0], -1)
     return out
+
+
+def _decode(codes: list[torch.Tensor], books: list[torch.Tensor], m: int) -> torch.Tensor:
+    return torch.cat([book[code].reshape(m, -1) for code, book in zip(codes, books)], dim=1)
 
 
 @register_pass
@@ -93,32 +106,39 @@ class Compensate(Pass):
             block_group = np.repeat(np.arange(len(plan.bits)), np.diff(plan.bounds) // d)
             centroid_sets = [torch.from_numpy(b.astype(np.float32)) for b in books]
             h_perm = h[perm][:, perm]
-            block_metrics = ldlq_block_metrics(h_perm, d, damp_rel=cfg.damp_rel) if cfg.block_metric else None
-
-            def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
-                book = centroid_sets[block_group[block]]
-                if block_metrics is None:
-                    chosen = assign_nearest(targets.to(torch.float32), book)
-                else:
-                    chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
-                return book[chosen].to(targets.dtype)
-
+            h_damped = damp(h_perm, cfg.damp_rel)[0]
+            feedback, d_blocks = feedback_factor(h_damped, d)  # one factorisation for every rounding below
+            block_metrics = block_metrics_of(d_blocks, d) if cfg.block_metric else None
+            spans = list(zip(plan.bounds, plan.bounds[1:]))
             original = torch.from_numpy(weight)[:, perm]
             h_x_perm = layer_stats.h_x[perm][:, perm]  # the report's proxy metric
             target = w[:, perm]
+
+            def round_codes(books_now: list[torch.Tensor]) -> list[torch.Tensor]:
+                def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
+                    book = books_now[block_group[block]]
+                    if block_metrics is None:
+                        chosen = assign_nearest(targets.to(torch.float32), book)
+                    else:
+                        chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
+                    return book[chosen].to(targets.dtype)
+
+                if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
+                    q = block_ldlq_two_sided(target, h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
+                else:
+                    q = block_ldlq(target, h_perm, assign, d=d, feedback=feedback)
+                # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
+                return [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), books_now[index]).reshape(m, -1)
+                        for index, (start, stop) in enumerate(spans)]
+
             before = _nearest_codewords(original, centroid_sets, block_group, d)
-            if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
-                q = block_ldlq_two_sided(target, h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
-            else:
-                q = block_ldlq(target, h_perm, assign, d=d, damp_rel=cfg.damp_rel)
-            spans = list(zip(plan.bounds, plan.bounds[1:]))
-            # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
-            codes = [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), centroid_sets[index]).reshape(m, -1)
-                     for index, (start, stop) in enumerate(spans)]
+            codes = round_codes(centroid_sets)
             if cfg.refine_codebooks and scope == "layer-group":
-                extra["proxy_loss_before_refinement"] = proxy_loss(original, q, h_x_perm)
-                centroid_sets = refine_group_codebooks(
-                    target, codes, centroid_sets, plan.bounds, damp(h_perm, cfg.damp_rel)[0], d)
+                extra["proxy_loss_before_refinement"] = proxy_loss(original, _decode(codes, centroid_sets, m), h_x_perm)
+                codes, centroid_sets, losses = alternate_codes_and_codebooks(
+                    target, codes, centroid_sets, plan.bounds, h_damped, d, round_codes,
+                    rounds=cfg.refine_rounds)
+                extra["refinement_steps"] = len(losses) - 1
                 books = [book.numpy().astype(np.float16) for book in centroid_sets]
             groups = [VQGroup(start, stop, bits, books[index], codes[index].numpy())
                       for index, ((start, stop), bits) in enumerate(zip(spans, plan.bits))]

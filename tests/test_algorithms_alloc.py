@@ -26,8 +26,12 @@ from mgvq_compile.algorithms.sensitivity import (
     local_sensitivity,
 )
 from mgvq_compile.algorithms.statistics import accumulate, kronecker_scale, new_statistics
+from mgvq_compile.algorithms.gptq import block_ldlq, ldlq_block_metrics
+from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
 from mgvq_compile.algorithms.weighted_kmeans import (
+    alternate_codes_and_codebooks,
     hessian_loss,
+    layer_hessian_loss,
     refine_centroids,
     refine_group_codebooks,
     weighted_assign,
@@ -148,6 +152,48 @@ def test_refine_group_codebooks_lowers_the_layer_loss_across_coupled_groups() ->
     one = refine_group_codebooks(w, [code], [book], [0, 16], h, d)  # one group: no coupling
     expected = refine_centroids(w, code, h, d, k, centroids=book)
     torch.testing.assert_close(one[0], expected.to(torch.float16).to(torch.float32))
+
+
+def _ldlq_rounding(w: torch.Tensor, h: torch.Tensor, d: int):
+    """Compensate's rounding of one group: BlockLDLQ, each block's nearest codeword in its pivot's metric."""
+    metrics = ldlq_block_metrics(h, d)
+
+    def round_codes(books: list[torch.Tensor]) -> list[torch.Tensor]:
+        book = books[0]
+
+        def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
+            return book[assign_in_metric(targets.to(torch.float32), book, metrics[block])].to(targets.dtype)
+
+        q = block_ldlq(w.to(torch.float64), h, assign, d=d)
+        return [assign_nearest(q.reshape(-1, d).to(torch.float32), book).reshape(w.shape[0], -1)]
+
+    return round_codes
+
+
+def test_alternating_rounding_and_refinement_recovers_from_an_outlier_channel() -> None:
+    # One input channel carries 1e4 times the energy of the rest (a "massive activation"): refining the
+    # codebook for fixed codes bends codewords toward that column's weights; re-rounding frees the others.
+    d, k, m, n = 2, 16, 96, 64
+    for seed in range(3):
+        w, h = _layer(m, n, seed)
+        scale = torch.ones(n)
+        scale[5] = 100.0
+        h = scale[:, None] * h * scale[None, :]
+        book, _ = _initial_codebook(w, torch.eye(n), d, k)  # fitted ignoring H: a poor start for column 5
+        book = book.to(torch.float16).to(torch.float32)
+        round_codes = _ldlq_rounding(w, h, d)
+        codes = round_codes([book])
+        once_codes, once_books, once = alternate_codes_and_codebooks(w, codes, [book], [0, n], h, d, round_codes, rounds=1)
+        assert torch.equal(once_codes[0], codes[0])
+        torch.testing.assert_close(once_books[0], refine_group_codebooks(w, codes, [book], [0, n], h, d)[0])
+        final_codes, final_books, losses = alternate_codes_and_codebooks(w, codes, [book], [0, n], h, d, round_codes, rounds=4)
+        assert all(b <= a for a, b in zip(losses, losses[1:]))
+        assert losses[-1] == layer_hessian_loss(w, final_codes, final_books, h, d)
+        assert losses[-1] < 0.8 * once[-1], (once, losses)
+        # A re-rounding that does not lower the loss is refused, and the loop stops there.
+        worse = lambda books: [torch.zeros_like(codes[0])]  # noqa: E731
+        kept_codes, _, kept = alternate_codes_and_codebooks(w, codes, [book], [0, n], h, d, worse, rounds=4)
+        assert torch.equal(kept_codes[0], codes[0]) and len(kept) == 2
 
 
 def test_refine_centroids_solves_the_least_squares_exactly_on_a_small_problem() -> None:

@@ -188,3 +188,14 @@ def test_python_api_and_module_entry_point(tmp_path, mlp):
     assert result.report["summary"]["index_bits_per_weight"] == 4.0
     proc = subprocess.run([sys.executable, "-m", "mgvq_compile", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--bits" in proc.stdout
+
+
+def test_compensate_refine_rounds_below_one_is_refused(tmp_path, mlp, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "0.npz", x=np.ones((1, 4, 64), np.float32))
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "compensate.refine_rounds=0",
+                   "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "refine_rounds must be >= 1" in err and "refine_codebooks=false" in err
+    assert not (tmp_path / "out").exists()

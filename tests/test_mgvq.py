@@ -67,6 +67,8 @@ def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
     assert after < before, (before, after)  # second-order compensation lowers the proxy it minimises
     unrefined = np.mean([layer["proxy_loss_before_refinement"] for layer in reports["mgvq-no-grad"]["layers"]])
     assert after < unrefined, (unrefined, after)  # codebooks re-solved for the codes lower it further
+    # refine, re-round, refine, ...: at most 2 * refine_rounds - 1 = 5 steps, at least the first refinement
+    assert all(1 <= layer["refinement_steps"] <= 5 for layer in reports["mgvq-no-grad"]["layers"])
 
 
 def test_set_overrides_pass_options_and_plots_are_written(tmp_path, capsys):

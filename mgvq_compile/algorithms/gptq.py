@@ -31,6 +31,7 @@ __all__ = [
     "block_ldlq",
     "block_ldlq_two_sided",
     "ldlq_block_metrics",
+    "block_metrics_of",
     "newton_shifted_target",
     "newton_step",
     "trust_region_target",
@@ -71,7 +72,12 @@ def ldlq_block_metrics(h: torch.Tensor, d: int, *, damp_rel: float = 0.01) -> to
     """Metric [n/d, d, d] of each column block's residual (the inverse D blocks of H^-1's block LDL)."""
     h_damped, _ = damp(h, damp_rel)
     _, d_blocks = feedback_factor(h_damped, d)
-    n = h.shape[0]
+    return block_metrics_of(d_blocks, d)
+
+
+def block_metrics_of(d_blocks: torch.Tensor, d: int) -> torch.Tensor:
+    """:func:`ldlq_block_metrics` from the D of an already computed :func:`feedback_factor`."""
+    n = d_blocks.shape[0]
     blocks = torch.stack([d_blocks[i : i + d, i : i + d] for i in range(0, n, d)])
     return torch.linalg.inv(blocks)
 
@@ -190,18 +196,23 @@ def block_ldlq(
     d: int,
     block_size: int = 128,
     damp_rel: float = 0.01,
+    feedback: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BlockLDLQ rounding of ``w_target`` [m, n] toward ``assign_fn``'s grid under ``h`` [n, n].
 
     ``assign_fn(targets [m, d], block_index) -> quantized [m, d]`` (e.g. nearest codeword). Column
     blocks are walked in order; returns Q [m, n] float64. With d = 1 and GPTQ's grid this is GPTQ.
+    ``feedback``: U of ``feedback_factor(damp(h, damp_rel)[0], d)``, for callers that round one layer
+    several times (``h`` is then not factored again).
     """
     m, n = w_target.shape
     if n % d:
         raise ValueError(f"{n} columns are not divisible by d={d}")
     block_size = max(d, block_size - block_size % d)
-    h_damped, _ = damp(h, damp_rel)
-    u, _ = feedback_factor(h_damped, d)
+    if feedback is None:
+        h_damped, _ = damp(h, damp_rel)
+        feedback, _ = feedback_factor(h_damped, d)
+    u = feedback
 
     def quantize_block(c: int, state: torch.Tensor) -> torch.Tensor:
         out = assign_fn(state[:, c : c + d].clone(), c // d)

@@ -4,12 +4,14 @@
 codewords: the diagonal-Hessian metric, w_ij = diag(H_I) of the vector's column times diag(H_O) of
 its row. ``refine_centroids`` then re-solves the codewords for fixed codes under the full input
 Hessian, tr((W - C[codes]) H (W - C[codes])^T); ``refine_group_codebooks`` does so for every channel
-group of a layer, each group's target carrying the other groups' error through H.
+group of a layer, each group's target carrying the other groups' error through H;
+``alternate_codes_and_codebooks`` alternates that with re-rounding the codes (Lloyd steps under H).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +21,9 @@ __all__ = [
     "weighted_distortion",
     "refine_centroids",
     "refine_group_codebooks",
+    "alternate_codes_and_codebooks",
     "hessian_loss",
+    "layer_hessian_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,6 +154,16 @@ def hessian_loss(
     """tr((W - C[codes]) H (W - C[codes])^T) in float64; codes [m, n_g/d] index rows of C [k, d]."""
     m, n_g = w_target.shape
     decoded = centroids.to(torch.float64)[codes.to(torch.int64)].reshape(m, n_g)
+    err = w_target.to(torch.float64) - decoded
+    return float(((err @ h.to(torch.float64)) * err).sum())
+
+
+def layer_hessian_loss(
+    w_target: torch.Tensor, codes: list[torch.Tensor], codebooks: list[torch.Tensor], h: torch.Tensor, d: int
+) -> float:
+    """tr(E H E^T) over a whole layer, E = W - Q, Q's group g = C_g[codes_g] (groups in column order)."""
+    m = w_target.shape[0]
+    decoded = torch.cat([c.to(torch.float64)[k.to(torch.int64)].reshape(m, -1) for k, c in zip(codes, codebooks)], dim=1)
     err = w_target.to(torch.float64) - decoded
     return float(((err @ h.to(torch.float64)) * err).sum())
 
@@ -293,3 +307,37 @@ def refine_group_codebooks(
             books[g] = refined
             error[:, own] = w64[:, own] - decoded(g)
     return books
+
+
+def alternate_codes_and_codebooks(
+    w_target: torch.Tensor,
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    bounds: list[int],
+    h: torch.Tensor,
+    d: int,
+    round_codes: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    *,
+    rounds: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Lloyd steps under the full ``h``: re-solve the codebooks for the codes, re-round the codes for the
+    codebooks (``round_codes(codebooks) -> codes``, e.g. BlockLDLQ), ``rounds`` refinements in all.
+
+    Refinement with the codes held fixed bends a codeword toward the few vectors that dominate the loss
+    (outlier input channels) however many other vectors use it; re-rounding lets those move to other
+    codewords. A re-rounding is kept only when it lowers the layer loss (BlockLDLQ is greedy), else the
+    loop stops. Returns (codes, codebooks, the layer loss after each kept step, the input's first).
+    """
+    losses = [layer_hessian_loss(w_target, codes, codebooks, h, d)]
+    for index in range(rounds):
+        codebooks = refine_group_codebooks(w_target, codes, codebooks, bounds, h, d)
+        losses.append(layer_hessian_loss(w_target, codes, codebooks, h, d))
+        if index == rounds - 1:
+            break
+        rerounded = round_codes(codebooks)
+        loss = layer_hessian_loss(w_target, rerounded, codebooks, h, d)
+        if not loss < losses[-1]:
+            break
+        codes = rerounded
+        losses.append(loss)
+    return codes, codebooks, losses
