@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from mgvq_compile.algorithms.gptq import (
+    block_metrics_of,
+    feedback_factor,
     block_ldlq,
     block_ldlq_two_sided,
     gptq_quantize,
@@ -241,6 +243,10 @@ def test_block_ldlq_loss_is_sum_of_block_residuals_and_beats_nearest(d):
     assert per_block == pytest.approx(total, rel=1e-8)
     nearest = codebook[assign_nearest(w.reshape(-1, d), codebook)].reshape(16, 64)
     assert proxy_loss(w, q, h) < proxy_loss(w, nearest, h)
+    # A factor computed once (as Compensate does for its repeated roundings) gives the same rounding.
+    feedback, d_blocks = feedback_factor(h_damped, d)
+    assert torch.equal(block_metrics_of(d_blocks, d), metrics)
+    assert torch.equal(block_ldlq(w, h, lambda t, _k: codebook[assign_nearest(t, codebook)], d=d, feedback=feedback), q)
 
 
 def test_block_ldlq_two_sided_reduces_to_one_sided_and_uses_output_hessian():
