@@ -20,7 +20,7 @@ from mgvq_compile.algorithms.gptq import (
 from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
 from mgvq_compile.algorithms.statistics import kronecker_scale, proxy_loss
-from mgvq_compile.algorithms.weighted_kmeans import alternate_codes_and_codebooks
+from mgvq_compile.algorithms.weighted_kmeans import alternate_codes_and_codebooks, decode_groups
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import quantize_layers
@@ -67,10 +67,6 @@ def _nearest_codewords(w: torch.Tensor, books: list[torch.Tensor], block_group: 
         vectors = w[:, cols].reshape(-1, d).to(torch.float32)
         out[:, cols] = books[group][assign_nearest(vectors, books[group])].reshape(w.shape[0], -1)
     return out
-
-
-def _decode(codes: list[torch.Tensor], books: list[torch.Tensor], m: int) -> torch.Tensor:
-    return torch.cat([book[code].reshape(m, -1) for code, book in zip(codes, books)], dim=1)
 
 
 @register_pass
@@ -134,7 +130,7 @@ class Compensate(Pass):
             before = _nearest_codewords(original, centroid_sets, block_group, d)
             codes = round_codes(centroid_sets)
             if cfg.refine_codebooks and scope == "layer-group":
-                extra["proxy_loss_before_refinement"] = proxy_loss(original, _decode(codes, centroid_sets, m), h_x_perm)
+                extra["proxy_loss_before_refinement"] = proxy_loss(original, decode_groups(codes, centroid_sets, m), h_x_perm)
                 codes, centroid_sets, losses = alternate_codes_and_codebooks(
                     target, codes, centroid_sets, plan.bounds, h_damped, d, round_codes,
                     rounds=cfg.refine_rounds)

@@ -210,9 +210,7 @@ def block_ldlq(
         raise ValueError(f"{n} columns are not divisible by d={d}")
     block_size = max(d, block_size - block_size % d)
     if feedback is None:
-        h_damped, _ = damp(h, damp_rel)
-        feedback, _ = feedback_factor(h_damped, d)
-    u = feedback
+        feedback, _ = feedback_factor(damp(h, damp_rel)[0], d)
 
     def quantize_block(c: int, state: torch.Tensor) -> torch.Tensor:
         out = assign_fn(state[:, c : c + d].clone(), c // d)
@@ -220,7 +218,7 @@ def block_ldlq(
             raise ValueError(f"assign_fn returned shape {tuple(out.shape)}, expected {(m, d)}")
         return out
 
-    return _feedback_round(w_target.detach(), u, d, block_size, quantize_block)
+    return _feedback_round(w_target.detach(), feedback, d, block_size, quantize_block)
 
 
 def block_ldlq_two_sided(

@@ -22,6 +22,7 @@ __all__ = [
     "refine_centroids",
     "refine_group_codebooks",
     "alternate_codes_and_codebooks",
+    "decode_groups",
     "hessian_loss",
     "layer_hessian_loss",
 ]
@@ -158,13 +159,16 @@ def hessian_loss(
     return float(((err @ h.to(torch.float64)) * err).sum())
 
 
+def decode_groups(codes: list[torch.Tensor], codebooks: list[torch.Tensor], m: int) -> torch.Tensor:
+    """Q [m, n] float64 of a layer whose group g (groups in column order) is C_g[codes_g]."""
+    return torch.cat([c.to(torch.float64)[k.to(torch.int64)].reshape(m, -1) for k, c in zip(codes, codebooks)], dim=1)
+
+
 def layer_hessian_loss(
     w_target: torch.Tensor, codes: list[torch.Tensor], codebooks: list[torch.Tensor], h: torch.Tensor, d: int
 ) -> float:
-    """tr(E H E^T) over a whole layer, E = W - Q, Q's group g = C_g[codes_g] (groups in column order)."""
-    m = w_target.shape[0]
-    decoded = torch.cat([c.to(torch.float64)[k.to(torch.int64)].reshape(m, -1) for k, c in zip(codes, codebooks)], dim=1)
-    err = w_target.to(torch.float64) - decoded
+    """tr(E H E^T) over a whole layer, E = W - Q, Q = :func:`decode_groups` of the codes."""
+    err = w_target.to(torch.float64) - decode_groups(codes, codebooks, w_target.shape[0])
     return float(((err @ h.to(torch.float64)) * err).sum())
 
 
