@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from mgvq_compile.algorithms.allocation import GroupSpec, allocate_bits, summarize_allocation
+from mgvq_compile.algorithms.allocation import DISTORTION_MODELS, GroupSpec, allocate_bits, summarize_allocation
 from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivity, group_sensitivities, local_sensitivity
 from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
@@ -49,8 +49,13 @@ class AssignBitsConfig(PassConfig):
     # False: every layer's global sensitivity is 1, so layers compete by their local (H-weighted) error
     # alone; the ablation of the gradient-based global term.
     global_weighting: bool = True
+    # The loss model D(b) of each width (allocation.relative_distortion): "high-rate" 2^(-2b) or "gaussian".
+    distortion: str = "high-rate"
 
     def __post_init__(self) -> None:
+        if self.distortion not in DISTORTION_MODELS:
+            raise RecipeError(f"unknown assign-bits distortion {self.distortion!r}",
+                              f"choose one of {', '.join(DISTORTION_MODELS)}")
         if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.allowed_bits):
             raise RecipeError(f"allowed_bits {self.allowed_bits} with d={self.vector_dim} exceed {MAX_CODE_BITS}-bit codes")
         if self.groups < 1:
@@ -97,7 +102,7 @@ class AssignBits(Pass):
         if cfg.uniform:
             widths = [int(cfg.bits)] * len(specs)
         else:
-            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits)
+            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits, distortion=cfg.distortion)
         summary = summarize_allocation(specs, widths)
         allocation = {}
         for key, (perm, bounds, sensitivities, layer_global) in layouts.items():

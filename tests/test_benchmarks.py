@@ -17,6 +17,7 @@ from mgvq_compile.vqgemm import decode_from_stored
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import accuracy  # noqa: E402
+import distortion  # noqa: E402
 import kernels  # noqa: E402
 import opbench  # noqa: E402
 
@@ -179,3 +180,14 @@ def test_accuracy_summary_table_and_cold_compile_line():
             "identical_to_cached_run": True}
     (line,) = accuracy.cold_compile_lines([cold])
     assert "960 s = 16.0 min (over the 15-minute target)" in line and "byte-identical to the cached run: yes" in line
+
+
+def test_distortion_step_ratios_are_per_layer_loss_ratios():
+    report = {"layers": [{"name": "a", "quantized": True, "proxy_loss": 0.8},
+                         {"name": "b", "quantized": True, "proxy_loss": 0.2},
+                         {"name": "c", "quantized": False, "proxy_loss": 1.0}]}
+    low = distortion.layer_losses(report, "proxy_loss")
+    assert low == {"a": 0.8, "b": 0.2}
+    (row,) = distortion.step_ratios({1: low, 2: {"a": 0.1, "b": 0.1}})
+    assert (row["from_bits"], row["to_bits"], row["layers"]) == (1, 2, 2)
+    assert row["geometric_mean"] == pytest.approx(4.0) and row["median"] == pytest.approx(5.0)

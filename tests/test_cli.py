@@ -199,3 +199,14 @@ def test_compensate_refine_rounds_below_one_is_refused(tmp_path, mlp, capsys):
     err = capsys.readouterr().err
     assert "refine_rounds must be >= 1" in err and "refine_codebooks=false" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_distortion_model_is_refused(tmp_path, mlp, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "0.npz", x=np.ones((1, 4, 64), np.float32))
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "assign-bits.distortion=gaussian",
+                   "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "unknown assign-bits distortion 'gaussian'" in err and "high-rate, compensated" in err
+    assert not (tmp_path / "out").exists()
