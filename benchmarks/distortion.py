@@ -7,7 +7,7 @@ at each width and reads, per quantized layer, the proxy loss tr(E H_I E^T) after
 before it (the fitted codebooks' own rounding). For consecutive widths it prints the per-layer ratios
 loss(b) / loss(b + 1): their geometric mean, median and 10-90 % range. The high-rate law says 4 at every
 step. Compiles are shared with benchmarks/accuracy.py's work folder (same runs, same cache).
-Writes ``benchmarks/results/distortion.json`` and ``.md``.
+Writes ``benchmarks/results/distortion-MODEL.json`` and ``.md`` per model.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=accuracy.ROOT / "benchmarks" / "work" / "accuracy")
     args = parser.parse_args(argv)
     settings = accuracy.Settings()
-    results = []
+    command = "python benchmarks/distortion.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     for model in args.models:
+        results = []
         setup = accuracy.MODELS[model](args.work, args.seed, settings)
         reports = {}
         for bits in sorted(args.bits):
@@ -64,20 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         for metric in METRICS:
             for row in step_ratios({b: layer_losses(r, metric) for b, r in reports.items()}):
                 results.append({"model": model, "metric": metric, **row})
-    command = "python benchmarks/distortion.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        print(write_results(model, command, args.seed, results))
+    return 0
+
+
+def write_results(model: str, command: str, seed: int, results: list[dict]) -> str:
     lines = [f"## Compensated error per width step ({command})", "",
              "Ratio loss(b) / loss(b+1) over quantized layers, mgvq-no-alloc (uniform widths, d = 2), "
-             f"seed {args.seed}. The high-rate law 2^(-2b) says 4.", "",
+             f"seed {seed}. The high-rate law 2^(-2b) says 4.", "",
              "| model | loss | step | layers | geometric mean | median | 10-90 % |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | {METRICS[r['metric']]} | {r['from_bits']}->{r['to_bits']} | {r['layers']} | "
                      f"{r['geometric_mean']:.2f} | {r['median']:.2f} | {r['q10']:.2f}-{r['q90']:.2f} |")
     table = "\n".join(lines) + "\n"
     accuracy.RESULTS.mkdir(parents=True, exist_ok=True)
-    (accuracy.RESULTS / "distortion.json").write_text(json.dumps({"command": command, "rows": results}, indent=1))
-    (accuracy.RESULTS / "distortion.md").write_text(table)
-    print(table)
-    return 0
+    (accuracy.RESULTS / f"distortion-{model}.json").write_text(json.dumps({"command": command, "rows": results}, indent=1))
+    (accuracy.RESULTS / f"distortion-{model}.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 7
+    VERSION = 8  # 8: the distortion model (the cache must not reuse an allocation made with another D(b))
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
