@@ -1,7 +1,7 @@
 """Accuracy of every method on the two real models, at the same total bits per weight.
 
     python benchmarks/accuracy.py [--models smollm2 whisper] [--methods ...] [--bits 2 3] [--seeds 0 1 2]
-                                  [--set PASS.OPTION=VALUE ...] [--tag NAME] [--work DIR]
+                                  [--set PASS.OPTION=VALUE ...] [--tag NAME] [--work DIR] [--recorded-only]
 
 - SmolLM2-135M: calibrate on windows of Pride and Prejudice, perplexity on Sense and Sensibility (ORT).
 - Whisper tiny.en: calibrate on espeak-ng speech of Pride and Prejudice sentences; WER and teacher-forced
@@ -139,11 +139,13 @@ def _compile(setup: ModelSetup, out: Path, method: str, bits: float, seed: int, 
 
 
 def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
-             options: list[str], tag: str) -> dict:
+             options: list[str], tag: str, recorded_only: bool = False) -> dict | None:
     key = f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
     record_path = work / "runs" / f"{key}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
+    if recorded_only:
+        return None
     out = work / "models" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": model, "method": method, "bits": bits, "seed": seed, "options": options}
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile METHOD once more per model with an empty artifact cache, timing a fresh "
                              "user's compile (first bits and seed; 'none' skips it)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "accuracy")
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="tabulate the runs already recorded under --work and run nothing new")
     args = parser.parse_args(argv)
     settings = Settings()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -294,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                     options = list(args.options) if method.startswith("mgvq") else []
                     if args.vector_dim and method in VQ_METHODS:
                         options.append(f"*.vector_dim={args.vector_dim}")
-                    record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag)
+                    record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag,
+                                      args.recorded_only)
+                    if record is None:
+                        continue
                     records.append(record)
                     shown = {k: record[k] for k in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s")
                              if k in record}
                     print(f"{model} {method} {bits:g}-bit seed {seed}: {shown}", flush=True)
-        if args.cold in args.methods:
+        if args.cold in args.methods and not args.recorded_only:
             bits, seed = args.bits[0], args.seeds[0]
             options = next(r["options"] for r in records if (r["model"], r["method"], r["bits"], r["seed"]) == (model, args.cold, bits, seed))
             cold.append(_cold_compile(args.work, MODELS[model](args.work, seed, settings), model, args.cold, bits, seed,

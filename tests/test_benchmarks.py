@@ -3,6 +3,7 @@ not part of the suite: ``python benchmarks/kernels.py --quick`` is the smoke run
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -191,3 +192,13 @@ def test_distortion_step_ratios_are_per_layer_loss_ratios():
     (row,) = distortion.step_ratios({1: low, 2: {"a": 0.1, "b": 0.1}})
     assert (row["from_bits"], row["to_bits"], row["layers"]) == (1, 2, 2)
     assert row["geometric_mean"] == pytest.approx(4.0) and row["median"] == pytest.approx(5.0)
+
+
+def test_accuracy_recorded_only_reads_records_and_runs_nothing(tmp_path):
+    (tmp_path / "runs").mkdir()
+    record = {"model": "whisper", "method": "mgvq", "bits": 2.0, "seed": 0, "nll": 5.9}
+    (tmp_path / "runs" / "whisper-mgvq-2bit-seed0-comp.json").write_text(json.dumps(record))
+    args = (tmp_path, None, "whisper", "mgvq", 2.0)  # no setup: a compile would fail
+    assert accuracy._run_one(*args, 0, [], "comp", recorded_only=True) == record
+    assert accuracy._run_one(*args, 1, [], "comp", recorded_only=True) is None
+    assert not (tmp_path / "models").exists()
