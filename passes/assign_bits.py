@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from mgvq_compile.algorithms.allocation import DISTORTION_MODELS, GroupSpec, allocate_bits, summarize_allocation
+from mgvq_compile.algorithms.allocation import COMPENSATED_STEPS, GroupSpec, allocate_bits, summarize_allocation
 from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivity, group_sensitivities, local_sensitivity
 from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
@@ -21,6 +21,9 @@ __all__ = ["AssignBitsConfig", "AssignBits", "LayerAllocation"]
 logger = logging.getLogger(__name__)
 
 PERM_BITS = 32  # the column permutation is stored as int32
+# The allocation's loss model D(b) by name: its steps loss(b) / loss(b + 1) from 1 bit (see
+# allocation.relative_distortion; () is the high-rate law 2^(-2b)).
+DISTORTION_MODELS = {"high-rate": (), "compensated": COMPENSATED_STEPS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +52,18 @@ class AssignBitsConfig(PassConfig):
     # False: every layer's global sensitivity is 1, so layers compete by their local (H-weighted) error
     # alone; the ablation of the gradient-based global term.
     global_weighting: bool = True
-    # The loss model D(b) of each width (allocation.relative_distortion): "high-rate" 2^(-2b) or "gaussian".
+    # The loss model D(b) of each width, a name in DISTORTION_MODELS; ``distortion_steps`` replaces it with
+    # a model's own measured steps (e.g. from benchmarks/distortion.py).
     distortion: str = "high-rate"
+    distortion_steps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.distortion not in DISTORTION_MODELS:
             raise RecipeError(f"unknown assign-bits distortion {self.distortion!r}",
                               f"choose one of {', '.join(DISTORTION_MODELS)}")
+        if any(not step > 1.0 for step in self.distortion_steps):
+            raise RecipeError(f"assign-bits distortion_steps must all be > 1, got {list(self.distortion_steps)}",
+                              "give loss(b) / loss(b + 1) from 1 bit up, e.g. --set 'assign-bits.distortion_steps=[6.8,4.8,3.2]'")
         if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.allowed_bits):
             raise RecipeError(f"allowed_bits {self.allowed_bits} with d={self.vector_dim} exceed {MAX_CODE_BITS}-bit codes")
         if self.groups < 1:
@@ -102,7 +110,8 @@ class AssignBits(Pass):
         if cfg.uniform:
             widths = [int(cfg.bits)] * len(specs)
         else:
-            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits, distortion=cfg.distortion)
+            steps = cfg.distortion_steps or DISTORTION_MODELS[cfg.distortion]
+            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits, distortion_steps=steps)
         summary = summarize_allocation(specs, widths)
         allocation = {}
         for key, (perm, bounds, sensitivities, layer_global) in layouts.items():

@@ -15,6 +15,7 @@ from mgvq_compile.algorithms.allocation import (
     allocate_bits,
     allocate_bits_total,
     group_cost_bits,
+    COMPENSATED_STEPS,
     relative_distortion,
     stored_bits,
     summarize_allocation,
@@ -377,27 +378,28 @@ def test_uniform_budget_with_equal_sensitivities_gives_everyone_b(b: int) -> Non
 
 def test_distortion_models() -> None:
     assert [relative_distortion(b) for b in (1, 2, 3, 4)] == [0.25, 0.0625, 0.015625, 0.00390625]
-    compensated = [relative_distortion(b, "compensated") for b in range(1, 9)]
+    compensated = [relative_distortion(b, COMPENSATED_STEPS) for b in range(1, 9)]
     steps = [a / b for a, b in zip(compensated, compensated[1:])]
     # Measured: the step from 1 bit gains far more than 4x, the step to 4 bits less; the high-rate law beyond.
     assert steps[0] > 5.0 and steps[0] > steps[1] > 4.0 > steps[2] and steps[3:] == pytest.approx([4.0] * 4)
-    with pytest.raises(ValueError, match="unknown distortion model"):
-        relative_distortion(2, "gaussian")
+    assert relative_distortion(3, (2.0, 3.0)) == pytest.approx(0.25 / 6.0)
+    with pytest.raises(ValueError, match="must be > 1"):
+        relative_distortion(2, (4.0, 0.5))
     with pytest.raises(ValueError, match="start at 1"):
-        relative_distortion(0, "compensated")
+        relative_distortion(0, COMPENSATED_STEPS)
 
 
 def test_compensated_distortion_keeps_insensitive_groups_off_one_bit() -> None:
     # Sensitivities 1 : 5 at a 2-bit budget: the 4x-per-bit law pays 1 + 3 bits, the measured curve 2 + 2.
     groups = [GroupSpec(count=4096 * 256, sensitivity=s, d=2, codebook=False) for s in (1.0, 5.0)]
     assert allocate_bits(groups, 2.0) == [1, 3]
-    assert allocate_bits(groups, 2.0, distortion="compensated") == [2, 2]
+    assert allocate_bits(groups, 2.0, distortion_steps=COMPENSATED_STEPS) == [2, 2]
     rng = np.random.default_rng(3)
     for _ in range(50):
         groups, budget, overhead = _random_problem(rng)
         if stored_bits(groups, [1] * len(groups), overhead) > budget:
             continue
-        bits = allocate_bits_total(groups, budget, overhead_bits=overhead, distortion="compensated")
+        bits = allocate_bits_total(groups, budget, overhead_bits=overhead, distortion_steps=COMPENSATED_STEPS)
         total = stored_bits(groups, bits, overhead)
         assert total <= budget
         assert all(b == 4 or group_cost_bits(g, b + 1) - group_cost_bits(g, b) > budget - total

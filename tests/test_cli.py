@@ -210,3 +210,7 @@ def test_unknown_distortion_model_is_refused(tmp_path, mlp, capsys):
     err = capsys.readouterr().err
     assert "unknown assign-bits distortion 'gaussian'" in err and "high-rate, compensated" in err
     assert not (tmp_path / "out").exists()
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "assign-bits.distortion_steps=[6.8,0.9]",
+                   "-o", tmp_path / "out") == 2
+    assert "distortion_steps must all be > 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

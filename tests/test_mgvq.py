@@ -127,3 +127,19 @@ def test_global_weighting_off_gives_every_layer_the_same_scale(tmp_path):
         widths = np.diff(layer["group_bounds"])
         assert np.average(layer["sensitivity"], weights=widths) == pytest.approx(1.0)
     assert report["summary"]["bits_per_weight"] <= 2.0
+
+
+def test_distortion_model_reaches_the_allocation(tmp_path):
+    mlp, calib = _mlp_with_calibration(tmp_path)
+
+    def bits(name, *options):
+        _out, report = _compile_mgvq(tmp_path, mlp, calib, name, "--bits", "2.5", *options)
+        assert report["summary"]["bits_per_weight"] <= 2.5
+        return [layer["bits"] for layer in report["layers"]]
+
+    named = bits("named", "--set", "assign-bits.distortion=compensated")
+    assert bits("steps", "--set", "assign-bits.distortion_steps=[5.2,4.2,3.2]") == named
+    # A curve on which the step from 1 to 2 bits is nearly worthless leaves more groups at 1 bit.
+    flat_start = bits("flat-start", "--set", "assign-bits.distortion_steps=[1.01,4,4]")
+    ones = [sum(b == 1 for layer in widths for b in layer) for widths in (named, flat_start)]
+    assert ones[1] > ones[0], (named, flat_start)

@@ -45,7 +45,7 @@ __all__ = [
     "allocate_bits",
     "allocate_bits_total",
     "summarize_allocation",
-    "DISTORTION_MODELS",
+    "COMPENSATED_STEPS",
     "relative_distortion",
 ]
 
@@ -54,22 +54,24 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALLOWED = (1, 2, 3, 4)
 _BISECTION_STEPS = 200
 
-DISTORTION_MODELS = ("high-rate", "compensated")
+HIGH_RATE_STEP = 4.0  # 2^(-2b): each extra bit divides the error by 4
 # loss(b) / loss(b + 1) of the proxy loss tr(E H_I E^T) after BlockLDLQ compensation, d = 2, uniform
 # widths: geometric mean over the layers of Whisper tiny.en (64; 6.8, 4.8, 3.2) and SmolLM2-135M (210;
-# 4.8, 4.0), seed 0 (benchmarks/distortion.py); 3 -> 4 from Whisper alone; 4 (high-rate) beyond.
-_COMPENSATED_STEP_RATIOS = {1: 5.2, 2: 4.2, 3: 3.2}
+# 4.8, 4.0), seed 0 (benchmarks/distortion.py); 3 -> 4 from Whisper alone.
+COMPENSATED_STEPS = (5.2, 4.2, 3.2)
 
 
-def relative_distortion(bits: int, model: str = "high-rate") -> float:
-    """D(b): a b-bit quantizer's error relative to the weight energy, under ``model`` (DISTORTION_MODELS)."""
+def relative_distortion(bits: int, steps: Sequence[float] = ()) -> float:
+    """D(b) = 2^(-2) / (step_1 * ... * step_(b-1)): the error at b bits relative to the weight energy.
+
+    step_k = loss(k) / loss(k + 1) is ``steps[k - 1]``, and HIGH_RATE_STEP past the given steps, so
+    ``steps=()`` is the high-rate law 2^(-2b).
+    """
     if bits < 1:
         raise ValueError(f"bit widths start at 1, got {bits}")
-    if model == "high-rate":
-        return 2.0 ** (-2 * bits)
-    if model == "compensated":
-        return 0.25 / math.prod(_COMPENSATED_STEP_RATIOS.get(b, 4.0) for b in range(1, bits))
-    raise ValueError(f"unknown distortion model {model!r}; choose one of {DISTORTION_MODELS}")
+    if any(not step > 1.0 for step in steps):
+        raise ValueError(f"every distortion step must be > 1 (the error falls with each bit), got {list(steps)}")
+    return 0.25 / math.prod(steps[k - 1] if k <= len(steps) else HIGH_RATE_STEP for k in range(1, bits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +209,7 @@ def allocate_bits_total(
     allowed: Sequence[int] = DEFAULT_ALLOWED,
     *,
     overhead_bits: int = 0,
-    distortion: str = "high-rate",
+    distortion_steps: Sequence[float] = (),
 ) -> list[int]:
     """Bit width per group with ``stored_bits(groups, result, overhead_bits) <= budget_bits``.
 
@@ -219,7 +221,7 @@ def allocate_bits_total(
     if not widths or widths[0] <= 0:
         raise RecipeError(f"allowed bit widths must be positive integers, got {list(allowed)}")
     cost = np.array([[group_cost_bits(g, b) for b in widths] for g in groups], dtype=np.int64)
-    d_of_width = [relative_distortion(b, distortion) for b in widths]
+    d_of_width = [relative_distortion(b, distortion_steps) for b in widths]
     loss = np.array([[g.sensitivity * g.count * d_b for d_b in d_of_width] for g in groups])
     rows = np.arange(len(groups))
     available = budget_bits - overhead_bits
@@ -274,9 +276,10 @@ def allocate_bits(
     allowed: Sequence[int] = DEFAULT_ALLOWED,
     *,
     overhead_bits: int = 0,
-    distortion: str = "high-rate",
+    distortion_steps: Sequence[float] = (),
 ) -> list[int]:
     """Bit width per group; the budget is floor(budget_bits_per_weight * total weights) stored bits."""
     weights = sum(g.count for g in groups)
     budget = math.floor(Fraction(budget_bits_per_weight) * weights)
-    return allocate_bits_total(groups, budget, allowed, overhead_bits=overhead_bits, distortion=distortion)
+    return allocate_bits_total(groups, budget, allowed, overhead_bits=overhead_bits,
+                               distortion_steps=distortion_steps)
