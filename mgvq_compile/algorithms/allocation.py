@@ -13,9 +13,10 @@ cut into count / d vectors of d weights. At b bits it stores exactly what
 by the Lagrangian (bisection on the multiplier), a local search of budget-neutral exchanges (one
 group up, one other down: codebook overheads make the per-group curves non-convex, which the
 Lagrangian alone cannot see), then a greedy fill of the remaining slack. D(b) is the relative
-distortion of a b-bit quantizer (:func:`relative_distortion`): the high-rate law 2^(-2b), or the
-compensated error measured on real layers, which falls much faster than 4x per bit at low widths (error
-feedback cannot absorb a 1-bit codebook's error) and slower at 4 bits. This is a heuristic: on
+distortion of a b-bit quantizer (:func:`relative_distortion`), given by its steps loss(b) / loss(b+1):
+4 each for the high-rate law 2^(-2b), or a measured curve such as COMPENSATED_STEPS: the compensated
+error of real layers falls much faster than 4x per bit at low widths (error feedback cannot absorb a
+1-bit codebook's error) and slower at 4 bits. This is a heuristic: on
 adversarial tiny groups where a 4-bit d=4 codebook (4 Mbit) dwarfs the codes, moves involving three
 groups can be needed and the modelled loss can be up to ~2x the exact optimum.
 
