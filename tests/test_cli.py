@@ -190,27 +190,23 @@ def test_python_api_and_module_entry_point(tmp_path, mlp):
     assert proc.returncode == 0 and "--bits" in proc.stdout
 
 
-def test_compensate_refine_rounds_below_one_is_refused(tmp_path, mlp, capsys):
+def _mgvq_option_refusal(tmp_path, mlp, capsys, option: str) -> str:
+    """Compile with mgvq and ``--set option``; assert it is refused and writes nothing; its stderr."""
     calib = tmp_path / "calib"
-    calib.mkdir()
+    calib.mkdir(exist_ok=True)
     np.savez(calib / "0.npz", x=np.ones((1, 4, 64), np.float32))
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "compensate.refine_rounds=0",
-                   "-o", tmp_path / "out") == 2
-    err = capsys.readouterr().err
-    assert "refine_rounds must be >= 1" in err and "refine_codebooks=false" in err
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", option, "-o", tmp_path / "out") == 2
     assert not (tmp_path / "out").exists()
+    return capsys.readouterr().err
+
+
+def test_compensate_refine_rounds_below_one_is_refused(tmp_path, mlp, capsys):
+    err = _mgvq_option_refusal(tmp_path, mlp, capsys, "compensate.refine_rounds=0")
+    assert "refine_rounds must be >= 1" in err and "refine_codebooks=false" in err
 
 
 def test_unknown_distortion_model_is_refused(tmp_path, mlp, capsys):
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    np.savez(calib / "0.npz", x=np.ones((1, 4, 64), np.float32))
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "assign-bits.distortion=gaussian",
-                   "-o", tmp_path / "out") == 2
-    err = capsys.readouterr().err
+    err = _mgvq_option_refusal(tmp_path, mlp, capsys, "assign-bits.distortion=gaussian")
     assert "unknown assign-bits distortion 'gaussian'" in err and "high-rate, compensated" in err
-    assert not (tmp_path / "out").exists()
-    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "--set", "assign-bits.distortion_steps=[6.8,0.9]",
-                   "-o", tmp_path / "out") == 2
-    assert "distortion_steps must all be > 1" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    err = _mgvq_option_refusal(tmp_path, mlp, capsys, "assign-bits.distortion_steps=[6.8,0.9]")
+    assert "distortion_steps must all be > 1" in err
