@@ -16,6 +16,7 @@ from mgvq_compile.pipeline.base import Pass, pass_class
 __all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe", "recipe_from_dict"]
 
 RECIPE_VERSION = 1
+MEASURE_PASS = "measure-distortion"
 
 # Methods with a built-in recipe, and whether they need calibration data.
 METHODS = {
@@ -47,8 +48,13 @@ class Recipe:
     def with_options(self, options: Mapping[str, Any]) -> "Recipe":
         """This recipe with pass options replaced, keyed ``"pass-name.option"`` (e.g. ``compensate.lam``);
         ``"*.option"`` sets the option in every pass that has it (e.g. ``*.vector_dim``)."""
-        by_pass: dict[str, dict[str, Any]] = {}
         names = [p.name for p in self.passes]
+        measure_options = {k: v for k, v in options.items() if k.startswith(MEASURE_PASS + ".")}
+        if measure_options and MEASURE_PASS not in names:  # the pass may come with assign-bits.distortion=measured
+            first = self.with_options({k: v for k, v in options.items() if k not in measure_options})
+            if any(p.name == MEASURE_PASS for p in first.passes):
+                return first.with_options(measure_options)
+        by_pass: dict[str, dict[str, Any]] = {}
         for key, value in options.items():
             pass_name, _, option = key.partition(".")
             if not option:
@@ -58,7 +64,10 @@ class Recipe:
                 if not targets:
                     raise RecipeError(f"no pass of recipe {self.method!r} has an option {option!r}")
             elif pass_name not in names:
-                raise RecipeError(f"recipe {self.method!r} has no pass {pass_name!r}", f"its passes are: {', '.join(names)}")
+                hint = f"its passes are: {', '.join(names)}"
+                if pass_name == MEASURE_PASS:
+                    hint += f"; {MEASURE_PASS} comes with --set assign-bits.distortion=measured"
+                raise RecipeError(f"recipe {self.method!r} has no pass {pass_name!r}", hint)
             else:
                 targets = [pass_name]
             for target in targets:
@@ -68,6 +77,17 @@ class Recipe:
             if p.name in by_pass:
                 merged = {**p.config.to_dict(), **by_pass[p.name]}
                 p = type(p)(type(p.config).from_dict(merged, pass_name=p.name))
+            passes.append(p)
+        return Recipe(self.method, tuple(passes)).with_measured_distortion()
+
+    def with_measured_distortion(self) -> "Recipe":
+        """This recipe with a measure-distortion pass before each assign-bits that asks for the measured
+        loss model and has none before it, sampling the widths and vector dimension it allocates."""
+        passes: list[Pass] = []
+        for p in self.passes:
+            measured_before = any(q.name == MEASURE_PASS for q in passes)
+            if p.name == "assign-bits" and "distortion_curve" in p.requires and not measured_before:
+                passes.append(_make(MEASURE_PASS, vector_dim=p.config.vector_dim, allowed_bits=p.config.allowed_bits))
             passes.append(p)
         return Recipe(self.method, tuple(passes))
 

@@ -115,6 +115,7 @@ def build_report(
             "index_bits_per_weight": total_index_bytes * 8 / total_weights if total_weights else None,
             "files": dict(files),
         },
+        "distortion": ctx.artifacts["distortion_curve"].to_report() if "distortion_curve" in ctx.artifacts else None,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "resumed_passes": resumed,
         "tool_versions": tool_versions(),

@@ -4,6 +4,7 @@ from mgvq_compile.passes.assign_bits import AssignBits, AssignBitsConfig
 from mgvq_compile.passes.collect_stats import CollectStats, CollectStatsConfig
 from mgvq_compile.passes.compensate import Compensate, CompensateConfig
 from mgvq_compile.passes.fit_codebooks import FitCodebooks, FitCodebooksConfig
+from mgvq_compile.passes.measure_distortion import MeasureDistortion, MeasureDistortionConfig
 from mgvq_compile.passes.fuse_vq_gemm import FuseVQGemm, FuseVQGemmConfig
 from mgvq_compile.passes.quantize_gptq import QuantizeGPTQ, QuantizeGPTQConfig
 from mgvq_compile.passes.quantize_gptvq import QuantizeGPTVQ, QuantizeGPTVQConfig
@@ -20,6 +21,8 @@ __all__ = [
     "CollectStats",
     "CollectStatsConfig",
     "FuseVQGemm",
+    "MeasureDistortion",
+    "MeasureDistortionConfig",
     "FuseVQGemmConfig",
     "QuantizeGPTQ",
     "QuantizeGPTQConfig",

@@ -22,8 +22,10 @@ logger = logging.getLogger(__name__)
 
 PERM_BITS = 32  # the column permutation is stored as int32
 # The allocation's loss model D(b) by name: its steps loss(b) / loss(b + 1) from 1 bit (see
-# allocation.relative_distortion; () is the high-rate law 2^(-2b)).
-DISTORTION_MODELS = {"high-rate": (), "compensated": COMPENSATED_STEPS}
+# allocation.relative_distortion; () is the high-rate law 2^(-2b)); "measured" takes the steps of the
+# measure-distortion pass, which must run before assign-bits.
+MEASURED = "measured"
+DISTORTION_MODELS = {"high-rate": (), "compensated": COMPENSATED_STEPS, MEASURED: None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ class AssignBitsConfig(PassConfig):
     # alone; the ablation of the gradient-based global term.
     global_weighting: bool = True
     # The loss model D(b) of each width, a name in DISTORTION_MODELS; ``distortion_steps`` replaces it with
-    # a model's own measured steps (e.g. from benchmarks/distortion.py).
+    # given steps (e.g. from benchmarks/distortion.py).
     distortion: str = "high-rate"
     distortion_steps: tuple[float, ...] = ()
 
@@ -79,6 +81,24 @@ class AssignBits(Pass):
     config_class = AssignBitsConfig
     requires = ("stats",)
     provides = ("allocation",)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        measured = self.config.distortion == MEASURED and not self.config.distortion_steps and not self.config.uniform
+        return ("stats", "distortion_curve") if measured else ("stats",)
+
+    def _distortion_steps(self, ctx) -> tuple[float, ...]:
+        cfg = self.config
+        if cfg.distortion_steps or cfg.distortion != MEASURED:
+            return cfg.distortion_steps or DISTORTION_MODELS[cfg.distortion]
+        curve = ctx.artifacts["distortion_curve"]
+        missing = sorted(set(cfg.allowed_bits) - set(curve.widths))
+        if curve.vector_dim != cfg.vector_dim or missing:
+            raise RecipeError(
+                f"the measured distortion curve is for d={curve.vector_dim}, bits {list(curve.widths)}; "
+                f"assign-bits allocates d={cfg.vector_dim}, bits {list(cfg.allowed_bits)}",
+                "set both passes alike: --set '*.vector_dim=N' --set '*.allowed_bits=[...]'")
+        return curve.steps
 
     def run(self, ctx) -> PassResult:
         cfg = self.config
@@ -110,8 +130,7 @@ class AssignBits(Pass):
         if cfg.uniform:
             widths = [int(cfg.bits)] * len(specs)
         else:
-            steps = cfg.distortion_steps or DISTORTION_MODELS[cfg.distortion]
-            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits, distortion_steps=steps)
+            widths = allocate_bits(specs, cfg.bits, cfg.allowed_bits, distortion_steps=self._distortion_steps(ctx))
         summary = summarize_allocation(specs, widths)
         allocation = {}
         for key, (perm, bounds, sensitivities, layer_global) in layouts.items():

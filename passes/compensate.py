@@ -19,15 +19,16 @@ from mgvq_compile.algorithms.gptq import (
 )
 from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
-from mgvq_compile.algorithms.statistics import kronecker_scale, proxy_loss
+from mgvq_compile.algorithms.statistics import LayerStatistics, kronecker_scale, proxy_loss
 from mgvq_compile.algorithms.weighted_kmeans import alternate_codes_and_codebooks, decode_groups
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import quantize_layers
+from mgvq_compile.passes.assign_bits import LayerAllocation
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 from mgvq_compile.vqgemm import VQGroup, VQWeight
 
-__all__ = ["CompensateConfig", "Compensate"]
+__all__ = ["CompensateConfig", "Compensate", "compensate_layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,67 @@ def _nearest_codewords(w: torch.Tensor, books: list[torch.Tensor], block_group: 
     return out
 
 
+def compensate_layer(weight: np.ndarray, plan: LayerAllocation, books: list[np.ndarray], layer_stats: LayerStatistics,
+                     cfg: CompensateConfig, scope: str = "layer-group") -> tuple[VQWeight, dict]:
+    """One layer (float32 m x n) rounded with BlockLDLQ feedback to its groups' codebooks (and the codebooks
+    refined, for per-layer scope); returns the quantized layer and its report metrics."""
+    d = plan.vector_dim
+    m, n = weight.shape
+    h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
+    w = torch.from_numpy(weight).to(torch.float64)
+    extra: dict = {"codebook_scope": scope}
+    if cfg.lam > 0 and layer_stats.gradient is not None:
+        step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.damp_rel)
+        # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw
+        # formula would move the weights (reported, so the trust radius can be judged).
+        extra["newton_step_relative_norm"] = (
+            hessian_norm(step, h) / kronecker_scale(layer_stats) / max(hessian_norm(w, h), 1e-30))
+        w = trust_region_target(w, step, h, radius=cfg.lam)
+    perm = plan.perm
+    block_group = np.repeat(np.arange(len(plan.bits)), np.diff(plan.bounds) // d)
+    centroid_sets = [torch.from_numpy(b.astype(np.float32)) for b in books]
+    h_perm = h[perm][:, perm]
+    h_damped = damp(h_perm, cfg.damp_rel)[0]
+    feedback, d_blocks = feedback_factor(h_damped, d)  # one factorisation for every rounding below
+    block_metrics = block_metrics_of(d_blocks, d) if cfg.block_metric else None
+    spans = list(zip(plan.bounds, plan.bounds[1:]))
+    original = torch.from_numpy(weight)[:, perm]
+    h_x_perm = layer_stats.h_x[perm][:, perm]  # the report's proxy metric
+    target = w[:, perm]
+
+    def round_codes(books_now: list[torch.Tensor]) -> list[torch.Tensor]:
+        def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
+            book = books_now[block_group[block]]
+            if block_metrics is None:
+                chosen = assign_nearest(targets.to(torch.float32), book)
+            else:
+                chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
+            return book[chosen].to(targets.dtype)
+
+        if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
+            q = block_ldlq_two_sided(target, h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
+        else:
+            q = block_ldlq(target, h_perm, assign, d=d, feedback=feedback)
+        # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
+        return [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), books_now[index]).reshape(m, -1)
+                for index, (start, stop) in enumerate(spans)]
+
+    before = _nearest_codewords(original, centroid_sets, block_group, d)
+    codes = round_codes(centroid_sets)
+    if cfg.refine_codebooks and scope == "layer-group":
+        extra["proxy_loss_before_refinement"] = proxy_loss(original, decode_groups(codes, centroid_sets, m), h_x_perm)
+        codes, centroid_sets, losses = alternate_codes_and_codebooks(
+            target, codes, centroid_sets, plan.bounds, h_damped, d, round_codes, rounds=cfg.refine_rounds)
+        extra["refinement_steps"] = len(losses) - 1
+        books = [book.numpy().astype(np.float16) for book in centroid_sets]
+    groups = [VQGroup(start, stop, bits, books[index], codes[index].numpy())
+              for index, ((start, stop), bits) in enumerate(zip(spans, plan.bits))]
+    identity = bool(torch.equal(perm, torch.arange(n)))
+    result = VQWeight(m, n, d, tuple(groups), None if identity else perm.numpy().astype(np.int32))
+    extra["proxy_loss_before_compensation"] = proxy_loss(original, before, h_x_perm)
+    return result, extra
+
+
 @register_pass
 class Compensate(Pass):
     name = "compensate"
@@ -81,67 +143,10 @@ class Compensate(Pass):
         stats, allocation, codebooks = (ctx.artifacts[k] for k in ("stats", "allocation", "codebooks"))
         scope = ctx.artifacts.get("codebook_scope", "layer-group")
 
-        def quantize(weight: np.ndarray, layer: LinearLayer) -> VQWeight | None:
+        def quantize(weight: np.ndarray, layer: LinearLayer) -> tuple[VQWeight, dict] | None:
             if layer.key not in allocation:
                 return None
-            plan, books = allocation[layer.key], codebooks[layer.key]
-            d = plan.vector_dim
-            m, n = weight.shape
-            layer_stats = stats[layer.key]
-            h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
-            w = torch.from_numpy(weight).to(torch.float64)
-            extra = {"codebook_scope": scope}
-            if cfg.lam > 0 and layer_stats.gradient is not None:
-                step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.damp_rel)
-                # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw
-                # formula would move the weights (reported, so the trust radius can be judged).
-                extra["newton_step_relative_norm"] = (
-                    hessian_norm(step, h) / kronecker_scale(layer_stats) / max(hessian_norm(w, h), 1e-30))
-                w = trust_region_target(w, step, h, radius=cfg.lam)
-            perm = plan.perm
-            block_group = np.repeat(np.arange(len(plan.bits)), np.diff(plan.bounds) // d)
-            centroid_sets = [torch.from_numpy(b.astype(np.float32)) for b in books]
-            h_perm = h[perm][:, perm]
-            h_damped = damp(h_perm, cfg.damp_rel)[0]
-            feedback, d_blocks = feedback_factor(h_damped, d)  # one factorisation for every rounding below
-            block_metrics = block_metrics_of(d_blocks, d) if cfg.block_metric else None
-            spans = list(zip(plan.bounds, plan.bounds[1:]))
-            original = torch.from_numpy(weight)[:, perm]
-            h_x_perm = layer_stats.h_x[perm][:, perm]  # the report's proxy metric
-            target = w[:, perm]
-
-            def round_codes(books_now: list[torch.Tensor]) -> list[torch.Tensor]:
-                def assign(targets: torch.Tensor, block: int) -> torch.Tensor:
-                    book = books_now[block_group[block]]
-                    if block_metrics is None:
-                        chosen = assign_nearest(targets.to(torch.float32), book)
-                    else:
-                        chosen = assign_in_metric(targets.to(torch.float32), book, block_metrics[block])
-                    return book[chosen].to(targets.dtype)
-
-                if cfg.two_sided and layer_stats.h_o is not None and layer_stats.h_o.dim() == 2:
-                    q = block_ldlq_two_sided(target, h_perm, layer_stats.h_o, assign, d=d, damp_rel=cfg.damp_rel)
-                else:
-                    q = block_ldlq(target, h_perm, assign, d=d, feedback=feedback)
-                # Q holds codewords exactly, so the nearest codeword of each vector of Q is its code.
-                return [assign_nearest(q[:, start:stop].reshape(-1, d).to(torch.float32), books_now[index]).reshape(m, -1)
-                        for index, (start, stop) in enumerate(spans)]
-
-            before = _nearest_codewords(original, centroid_sets, block_group, d)
-            codes = round_codes(centroid_sets)
-            if cfg.refine_codebooks and scope == "layer-group":
-                extra["proxy_loss_before_refinement"] = proxy_loss(original, decode_groups(codes, centroid_sets, m), h_x_perm)
-                codes, centroid_sets, losses = alternate_codes_and_codebooks(
-                    target, codes, centroid_sets, plan.bounds, h_damped, d, round_codes,
-                    rounds=cfg.refine_rounds)
-                extra["refinement_steps"] = len(losses) - 1
-                books = [book.numpy().astype(np.float16) for book in centroid_sets]
-            groups = [VQGroup(start, stop, bits, books[index], codes[index].numpy())
-                      for index, ((start, stop), bits) in enumerate(zip(spans, plan.bits))]
-            identity = bool(torch.equal(perm, torch.arange(n)))
-            result = VQWeight(m, n, d, tuple(groups), None if identity else perm.numpy().astype(np.int32))
-            extra["proxy_loss_before_compensation"] = proxy_loss(original, before, h_x_perm)
-            return result, extra
+            return compensate_layer(weight, allocation[layer.key], codebooks[layer.key], stats[layer.key], cfg, scope)
 
         quantized, metrics = quantize_layers(ctx, f"compensate (lam={cfg.lam})", quantize)
         return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})

@@ -13,13 +13,15 @@ import dataclasses
 import numpy as np
 import torch
 
+from mgvq_compile.algorithms.statistics import LayerStatistics
 from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
 from mgvq_compile.graph import weight_matrix
 from mgvq_compile.errors import RecipeError
+from mgvq_compile.passes.assign_bits import LayerAllocation
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 from mgvq_compile.pipeline.manager import save_atomic_torch
 
-__all__ = ["SCOPES", "FitCodebooksConfig", "FitCodebooks", "vector_weights"]
+__all__ = ["SCOPES", "FitCodebooksConfig", "FitCodebooks", "vector_weights", "group_vectors", "fit_layer_codebooks"]
 
 SCOPES = ("layer-group", "modality")
 
@@ -44,6 +46,25 @@ def vector_weights(h_in_diag: torch.Tensor, h_out_diag: torch.Tensor | None, m: 
     return (rows[:, None] * columns[None, :]).reshape(-1, d)
 
 
+def group_vectors(weight: np.ndarray, plan: LayerAllocation, layer_stats: LayerStatistics):
+    """(bits, vectors [N, d], weights [N, d]) of each channel group of a layer (float32 m x n) and its plan."""
+    d, m = plan.vector_dim, weight.shape[0]
+    w = torch.from_numpy(weight)[:, plan.perm]
+    h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
+    h_o = layer_stats.h_o
+    h_o_diag = None if h_o is None else (torch.diagonal(h_o) if h_o.dim() == 2 else h_o)
+    diag = torch.diagonal(h)[plan.perm]
+    for (start, stop), bits in zip(zip(plan.bounds, plan.bounds[1:]), plan.bits):
+        yield bits, w[:, start:stop].reshape(-1, d), vector_weights(diag[start:stop], h_o_diag, m, d)
+
+
+def fit_layer_codebooks(groups, cfg: FitCodebooksConfig, seed: int) -> list[np.ndarray]:
+    """One float16 codebook of 2^(b*d) codewords per group of :func:`group_vectors`, the g-th seeded seed + g."""
+    return [weighted_kmeans(vectors, weights, 1 << (bits * vectors.shape[1]), iterations=cfg.iterations,
+                            seed=seed + index, fit_sample=cfg.fit_sample).numpy().astype(np.float16)
+            for index, (bits, vectors, weights) in enumerate(groups)]
+
+
 @register_pass
 class FitCodebooks(Pass):
     name = "fit-codebooks"
@@ -59,17 +80,9 @@ class FitCodebooks(Pass):
 
     @staticmethod
     def _groups(ctx, layer):
-        """(bits, vectors [N, d], weights [N, d]) of each channel group of ``layer``."""
         plan = ctx.artifacts["allocation"][layer.key]
-        d, m = plan.vector_dim, layer.out_features
-        w = torch.from_numpy(weight_matrix(ctx.models[layer.graph], layer))[:, plan.perm]
-        layer_stats = ctx.artifacts["stats"][layer.key]
-        h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
-        h_o = layer_stats.h_o
-        h_o_diag = None if h_o is None else (torch.diagonal(h_o) if h_o.dim() == 2 else h_o)
-        diag = torch.diagonal(h)[plan.perm]
-        for (start, stop), bits in zip(zip(plan.bounds, plan.bounds[1:]), plan.bits):
-            yield bits, w[:, start:stop].reshape(-1, d), vector_weights(diag[start:stop], h_o_diag, m, d)
+        weight = weight_matrix(ctx.models[layer.graph], layer)
+        return group_vectors(weight, plan, ctx.artifacts["stats"][layer.key])
 
     def _per_layer_group(self, ctx, layers) -> dict[str, list[np.ndarray]]:
         cfg = self.config
@@ -79,11 +92,7 @@ class FitCodebooks(Pass):
             if checkpoint is not None and checkpoint.exists():
                 codebooks[layer.key] = torch.load(checkpoint, weights_only=False)
                 continue
-            books = []
-            for index, (bits, vectors, weights) in enumerate(self._groups(ctx, layer)):
-                book = weighted_kmeans(vectors, weights, 1 << (bits * vectors.shape[1]), iterations=cfg.iterations,
-                                       seed=ctx.layer_seed(layer) + index, fit_sample=cfg.fit_sample)
-                books.append(book.numpy().astype(np.float16))
+            books = fit_layer_codebooks(self._groups(ctx, layer), cfg, ctx.layer_seed(layer))
             codebooks[layer.key] = books
             if checkpoint is not None:
                 save_atomic_torch(books, checkpoint)

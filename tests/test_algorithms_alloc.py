@@ -16,6 +16,8 @@ from mgvq_compile.algorithms.allocation import (
     allocate_bits_total,
     group_cost_bits,
     COMPENSATED_STEPS,
+    MIN_MEASURED_STEP,
+    measured_steps,
     relative_distortion,
     stored_bits,
     summarize_allocation,
@@ -419,3 +421,16 @@ def test_allocation_report_and_infeasible_budget() -> None:
     assert bits[2] >= bits[1] >= bits[0] >= bits[3]
     with pytest.raises(RecipeError):
         allocate_bits(groups, 0.5)
+
+
+def test_measured_steps_are_geometric_means_of_layer_ratios() -> None:
+    layers = [{1: 8.0, 2: 1.0, 3: 0.5}, {1: 2.0, 2: 1.0, 3: 0.125}]
+    assert measured_steps(layers, (1, 2, 3)) == pytest.approx((4.0, 4.0))  # sqrt(8 * 2), sqrt(2 * 8)
+    # a gap of two widths spreads its ratio evenly over both bits; order of the widths does not matter
+    assert measured_steps(layers, (3, 1)) == pytest.approx((4.0, 4.0))
+    # layers without a finite positive ratio are left out of that pair only
+    assert measured_steps([*layers, {1: 1.0, 2: 0.0, 3: 0.0}], (1, 2, 3)) == pytest.approx((4.0, 4.0))
+    # no gain from a bit is priced as almost none, never as a loss
+    assert measured_steps([{1: 1.0, 2: 2.0}], (1, 2)) == (MIN_MEASURED_STEP,)
+    with pytest.raises(ValueError, match="between 1 and 2 bits"):
+        measured_steps([{1: float("nan"), 2: 1.0}], (1, 2))

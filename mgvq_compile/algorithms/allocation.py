@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -48,6 +48,8 @@ __all__ = [
     "summarize_allocation",
     "COMPENSATED_STEPS",
     "relative_distortion",
+    "measured_steps",
+    "HIGH_RATE_STEP",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,31 @@ def relative_distortion(bits: int, steps: Sequence[float] = ()) -> float:
     if any(not step > 1.0 for step in steps):
         raise ValueError(f"every distortion step must be > 1 (the error falls with each bit), got {list(steps)}")
     return 0.25 / math.prod(steps[k - 1] if k <= len(steps) else HIGH_RATE_STEP for k in range(1, bits))
+
+
+MIN_MEASURED_STEP = 1.01  # a measured step at or below 1 (no gain from a bit) is priced as almost none
+
+
+def measured_steps(losses: Sequence[Mapping[int, float]], widths: Sequence[int]) -> tuple[float, ...]:
+    """Steps loss(b) / loss(b + 1) for b = widths[0] .. widths[-1] - 1 from per-layer losses by width.
+
+    Each consecutive pair of measured widths gets the geometric mean over layers of loss(low) / loss(high)
+    (layers whose ratio is not finite and positive left out), spread evenly over the bits it spans.
+    """
+    widths = sorted(widths)
+    steps: list[float] = []
+    for low, high in zip(widths, widths[1:]):
+        ratios = np.array([layer[low] / layer[high] if layer[high] > 0 else np.inf for layer in losses], dtype=np.float64)
+        ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+        if ratios.size == 0:
+            raise ValueError(f"no layer has a finite, positive loss ratio between {low} and {high} bits")
+        per_bit = float(np.exp(np.log(ratios).mean() / (high - low)))
+        if per_bit < MIN_MEASURED_STEP:
+            logger.warning("measured loss ratio %d -> %d bits is %.3f per bit (no gain); priced as %.2f",
+                           low, high, per_bit, MIN_MEASURED_STEP)
+            per_bit = MIN_MEASURED_STEP
+        steps += [per_bit] * (high - low)
+    return tuple(steps)
 
 
 @dataclasses.dataclass(frozen=True)

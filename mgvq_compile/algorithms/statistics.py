@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss", "kronecker_scale"]
+__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss", "kronecker_scale", "restrict_rows"]
 
 
 @dataclasses.dataclass
@@ -40,6 +40,16 @@ class LayerStatistics:
         if self.h_o_sum is None or self.input_sq_total <= 0.0:
             return None
         return self.h_o_sum / self.input_sq_total
+
+
+def restrict_rows(stats: LayerStatistics, rows: torch.Tensor) -> LayerStatistics:
+    """The statistics of the layer made of output rows ``rows`` of W: G and H_O restricted to them (H_X
+    and H_I, which describe the inputs, are shared by every row)."""
+    h_o_sum = stats.h_o_sum
+    if h_o_sum is not None:
+        h_o_sum = h_o_sum[rows][:, rows] if h_o_sum.dim() == 2 else h_o_sum[rows]
+    gradient = None if stats.gradient is None else stats.gradient[rows]
+    return dataclasses.replace(stats, gradient=gradient, h_o_sum=h_o_sum)
 
 
 def new_statistics(n: int, m: int, *, gradients: bool, full_output_hessian: bool) -> LayerStatistics:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mgvq_compile.errors import MgvqError, PassError, RecipeError
-from mgvq_compile.pipeline.base import Pass
+from mgvq_compile.pipeline.base import Pass, registered_passes
 from mgvq_compile.pipeline.context import CompileContext
 
 __all__ = ["PassManager", "save_atomic_torch"]
@@ -28,6 +28,11 @@ def save_atomic_torch(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _registered_providers(artifact: str) -> str:
+    names = [name for name, cls in registered_passes().items() if artifact in cls.provides]
+    return f"{', '.join(names)} (not in the recipe)" if names else "no pass in the recipe"
 
 
 class PassManager:
@@ -55,7 +60,7 @@ class PassManager:
                     a: [q.name for q in self.passes[index + 1 :] if a in q.provides] for a in missing
                 }
                 hint = "; ".join(
-                    f"{a!r} is provided by {', '.join(v) + ' (placed later)' if v else 'no pass in the recipe'}"
+                    f"{a!r} is provided by {', '.join(v) + ' (placed later)' if v else _registered_providers(a)}"
                     for a, v in providers.items()
                 )
                 raise RecipeError(
