@@ -6,7 +6,7 @@ Whisper tiny.en 6.8 / 4.8 / 3.2 from 1->2 to 3->4 bits, SmolLM2-135M 4.8 / 4.0),
 allocation lose to uniform widths on Whisper at 3 bits. This pass samples a few layers spread over the
 model, quantizes each at every allowed width (one group, one codebook fitted as FitCodebooks does,
 rounded and refined as Compensate does, both with their default settings) and keeps the geometric mean
-over the sampled layers of the proxy loss ratio loss(b) / loss(b + 1). The statistics and the seed
+over the sampled layers of the proxy loss ratio loss(b) / loss(b + 1). The weights, statistics and seed
 are all it depends on, so compiles at different budgets share it in the artifact cache.
 """
 
