@@ -56,8 +56,7 @@ class AssignBitsConfig(PassConfig):
     global_weighting: bool = True
     # The loss model D(b) of each width, a name in DISTORTION_MODELS; ``distortion_steps`` replaces it with
     # given steps (e.g. from benchmarks/distortion.py). "measured" beats high-rate on Whisper (3 seeds, 2 and
-    # 3 bits) and ties it on SmolLM2's measured seeds, at extra compile time; not the default until
-    # SmolLM2 is measured on every seed (README, Status).
+    # 3 bits) but costs SmolLM2 0.4-4.5 % of perplexity at 2 bits on every seed (README, Status).
     distortion: str = "high-rate"
     distortion_steps: tuple[float, ...] = ()
 
