@@ -48,12 +48,14 @@ class Recipe:
     def with_options(self, options: Mapping[str, Any]) -> "Recipe":
         """This recipe with pass options replaced, keyed ``"pass-name.option"`` (e.g. ``compensate.lam``);
         ``"*.option"`` sets the option in every pass that has it (e.g. ``*.vector_dim``)."""
-        names = [p.name for p in self.passes]
+        # measure-distortion's own options apply after the pass is added for assign-bits.distortion=measured.
         measure_options = {k: v for k, v in options.items() if k.startswith(MEASURE_PASS + ".")}
-        if measure_options and MEASURE_PASS not in names:  # the pass may come with assign-bits.distortion=measured
-            first = self.with_options({k: v for k, v in options.items() if k not in measure_options})
-            if any(p.name == MEASURE_PASS for p in first.passes):
-                return first.with_options(measure_options)
+        others = {k: v for k, v in options.items() if k not in measure_options}
+        recipe = self._with_pass_options(others).with_measured_distortion()
+        return recipe._with_pass_options(measure_options) if measure_options else recipe
+
+    def _with_pass_options(self, options: Mapping[str, Any]) -> "Recipe":
+        names = [p.name for p in self.passes]
         by_pass: dict[str, dict[str, Any]] = {}
         for key, value in options.items():
             pass_name, _, option = key.partition(".")
@@ -78,7 +80,7 @@ class Recipe:
                 merged = {**p.config.to_dict(), **by_pass[p.name]}
                 p = type(p)(type(p.config).from_dict(merged, pass_name=p.name))
             passes.append(p)
-        return Recipe(self.method, tuple(passes)).with_measured_distortion()
+        return Recipe(self.method, tuple(passes))
 
     def with_measured_distortion(self) -> "Recipe":
         """This recipe with a measure-distortion pass before each assign-bits that asks for the measured

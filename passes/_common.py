@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,11 +14,27 @@ from mgvq_compile.pipeline.context import CompileContext
 from mgvq_compile.pipeline.manager import save_atomic_torch
 from mgvq_compile.vqgemm import VQWeight
 
-__all__ = ["quantize_layers", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
+__all__ = ["per_layer_checkpointed", "quantize_layers", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
 
 MAX_CODE_BITS = 16  # widest code a VQ-GEMM vector may take (b * d)
 
 logger = logging.getLogger(__name__)
+
+
+def per_layer_checkpointed(ctx: CompileContext, layers: list[LinearLayer], desc: str,
+                           compute: Callable[[LinearLayer], Any]) -> dict[str, Any]:
+    """``compute(layer)`` for each layer, keyed by layer key; each result is checkpointed, so a killed
+    pass resumes at the first layer it had not finished."""
+    results: dict[str, Any] = {}
+    for layer in ctx.progress(layers, desc=desc):
+        checkpoint = ctx.checkpoint_path(layer)
+        if checkpoint is not None and checkpoint.exists():
+            results[layer.key] = torch.load(checkpoint, weights_only=False)
+            continue
+        results[layer.key] = compute(layer)
+        if checkpoint is not None:
+            save_atomic_torch(results[layer.key], checkpoint)
+    return results
 
 
 def quantize_layers(
@@ -30,28 +47,27 @@ def quantize_layers(
     ``quantize`` returns None for a layer it cannot handle; that layer stays dense and is reported.
     It may return ``(weight, extra_metrics)`` to add its own per-layer numbers to the report.
     """
+
+    def quantize_with_metrics(layer: LinearLayer) -> tuple[VQWeight | None, dict]:
+        weight = weight_matrix(ctx.models[layer.graph], layer)
+        result = quantize(weight, layer)
+        metric = {"skipped": result is None}
+        if isinstance(result, tuple):
+            result, extra = result
+            metric.update(extra)
+        if result is not None:
+            error = result.dequantize() - weight
+            metric["relative_weight_error"] = float(np.linalg.norm(error) / max(np.linalg.norm(weight), 1e-30))
+        return result, metric
+
     quantized: dict[str, VQWeight] = {}
     metrics: dict[str, dict] = {}
-    for layer in ctx.progress(ctx.layers, desc=desc):
-        checkpoint = ctx.checkpoint_path(layer)
-        if checkpoint is not None and checkpoint.exists():
-            result, metric = torch.load(checkpoint, weights_only=False)
-        else:
-            weight = weight_matrix(ctx.models[layer.graph], layer)
-            result = quantize(weight, layer)
-            metric = {"skipped": result is None}
-            if isinstance(result, tuple):
-                result, extra = result
-                metric.update(extra)
-            if result is not None:
-                error = result.dequantize() - weight
-                metric["relative_weight_error"] = float(np.linalg.norm(error) / max(np.linalg.norm(weight), 1e-30))
-            if checkpoint is not None:
-                save_atomic_torch((result, metric), checkpoint)
-        metrics[layer.key] = metric
+    for key, (result, metric) in per_layer_checkpointed(ctx, ctx.layers, desc, quantize_with_metrics).items():
+        metrics[key] = metric
         if result is not None:
-            quantized[layer.key] = result
-        else:
+            quantized[key] = result
+    for layer in ctx.layers:
+        if layer.key not in quantized:
             logger.warning("layer %s (%dx%d) left dense: %s", layer.key, layer.out_features, layer.in_features, desc)
     return quantized, metrics
 

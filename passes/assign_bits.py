@@ -80,7 +80,6 @@ class AssignBitsConfig(PassConfig):
 class AssignBits(Pass):
     name = "assign-bits"
     config_class = AssignBitsConfig
-    requires = ("stats",)
     provides = ("allocation",)
 
     @property

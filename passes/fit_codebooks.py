@@ -17,9 +17,9 @@ from mgvq_compile.algorithms.statistics import LayerStatistics
 from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
 from mgvq_compile.graph import weight_matrix
 from mgvq_compile.errors import RecipeError
+from mgvq_compile.passes._common import per_layer_checkpointed
 from mgvq_compile.passes.assign_bits import LayerAllocation
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
-from mgvq_compile.pipeline.manager import save_atomic_torch
 
 __all__ = ["SCOPES", "FitCodebooksConfig", "FitCodebooks", "vector_weights", "group_vectors", "fit_layer_codebooks"]
 
@@ -85,18 +85,9 @@ class FitCodebooks(Pass):
         return group_vectors(weight, plan, ctx.artifacts["stats"][layer.key])
 
     def _per_layer_group(self, ctx, layers) -> dict[str, list[np.ndarray]]:
-        cfg = self.config
-        codebooks: dict[str, list[np.ndarray]] = {}
-        for layer in ctx.progress(layers, desc="codebooks"):
-            checkpoint = ctx.checkpoint_path(layer)
-            if checkpoint is not None and checkpoint.exists():
-                codebooks[layer.key] = torch.load(checkpoint, weights_only=False)
-                continue
-            books = fit_layer_codebooks(self._groups(ctx, layer), cfg, ctx.layer_seed(layer))
-            codebooks[layer.key] = books
-            if checkpoint is not None:
-                save_atomic_torch(books, checkpoint)
-        return codebooks
+        return per_layer_checkpointed(
+            ctx, layers, "codebooks",
+            lambda layer: fit_layer_codebooks(self._groups(ctx, layer), self.config, ctx.layer_seed(layer)))
 
     def _per_modality(self, ctx, layers) -> dict[str, list[np.ndarray]]:
         cfg = self.config

@@ -23,12 +23,11 @@ from mgvq_compile.algorithms.allocation import HIGH_RATE_STEP, measured_steps
 from mgvq_compile.algorithms.statistics import LayerStatistics, proxy_loss, restrict_rows
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import LinearLayer, weight_matrix
-from mgvq_compile.passes._common import MAX_CODE_BITS
+from mgvq_compile.passes._common import MAX_CODE_BITS, per_layer_checkpointed
 from mgvq_compile.passes.assign_bits import LayerAllocation
 from mgvq_compile.passes.compensate import CompensateConfig, compensate_layer
 from mgvq_compile.passes.fit_codebooks import FitCodebooksConfig, fit_layer_codebooks, group_vectors
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
-from mgvq_compile.pipeline.manager import save_atomic_torch
 
 __all__ = ["MeasureDistortionConfig", "MeasureDistortion", "DistortionCurve", "layer_role", "sample_layers",
            "layer_losses_by_width"]
@@ -138,17 +137,9 @@ class MeasureDistortion(Pass):
         if not sampled:
             raise RecipeError(f"no layer has a width divisible by the vector dimension {cfg.vector_dim}", "lower vector_dim")
         fit, compensate = FitCodebooksConfig(), CompensateConfig()
-        losses: dict[str, dict[int, float]] = {}
-        for layer in ctx.progress(sampled, desc="distortion"):
-            checkpoint = ctx.checkpoint_path(layer)
-            if checkpoint is not None and checkpoint.exists():
-                losses[layer.key] = torch.load(checkpoint, weights_only=False)
-                continue
-            weight = weight_matrix(ctx.models[layer.graph], layer)
-            losses[layer.key] = layer_losses_by_width(weight, ctx.artifacts["stats"][layer.key], widths, cfg.vector_dim,
-                                                      ctx.layer_seed(layer), fit, compensate, rows=cfg.rows or None)
-            if checkpoint is not None:
-                save_atomic_torch(losses[layer.key], checkpoint)
+        losses = per_layer_checkpointed(ctx, sampled, "distortion", lambda layer: layer_losses_by_width(
+            weight_matrix(ctx.models[layer.graph], layer), ctx.artifacts["stats"][layer.key], widths, cfg.vector_dim,
+            ctx.layer_seed(layer), fit, compensate, rows=cfg.rows or None))
         measured = measured_steps(list(losses.values()), widths)
         steps = (HIGH_RATE_STEP,) * (widths[0] - 1) + measured
         logger.info("measured distortion steps %s (bits %s) on %d layers",
