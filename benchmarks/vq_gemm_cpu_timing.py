@@ -2,7 +2,8 @@
 
 ``python benchmarks/vq_gemm_cpu_timing.py [--n 4096] [--threads 2] [--rows 1]`` (the library is built
 by ``pip install -e .``, or ``python custom_ops/build.py``). Prints the median time of each over many
-runs. MatMulNBits runs at accuracy_level 0 here (float compute); benchmarks/kernels.py also times
+runs; ``vqgemm_no_tile`` is the kernel with its tile kernel (2- and 4-bit codes, up to 4 activation rows)
+turned off. MatMulNBits runs at accuracy_level 0 here (float compute); benchmarks/kernels.py also times
 accuracy_level 4 (int8 activations), ORT's fast path.
 """
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--bits", type=int, default=2)
-    parser.add_argument("--d", type=int, default=4)
+    parser.add_argument("--d", type=int, default=2)  # the mgvq layout
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "vq_gemm_cpu_timing.json"))
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -40,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     results = {}
-    for path in ("auto", "lut", "decode"):
-        os.environ["MGVQ_VQGEMM_PATH"] = path
-        session = runtime.create_session(vq_model(rng, args.n, args.m, args.rows, args.bits, args.d), threads=args.threads)
-        results[f"vqgemm_{path}"] = median_ms(session, x, args.runs)
+    vq = vq_model(rng, args.n, args.m, args.rows, args.bits, args.d)
+    # The kernel reads these when the session is created: a forced path, and 0 = no tile kernel.
+    for name, path, tile_rows in (("auto", "auto", ""), ("no_tile", "auto", "0"), ("lut", "lut", ""),
+                                  ("decode", "decode", "")):
+        os.environ["MGVQ_VQGEMM_PATH"], os.environ["MGVQ_VQGEMM_TILE_ROWS"] = path, tile_rows
+        results[f"vqgemm_{name}"] = median_ms(runtime.create_session(vq, threads=args.threads), x, args.runs)
     os.environ.pop("MGVQ_VQGEMM_PATH")
+    os.environ.pop("MGVQ_VQGEMM_TILE_ROWS")
     for block in (32, 128):
         session = ort.InferenceSession(nbits_model(rng, args.n, args.m, args.rows, 2, block), options)
         results[f"matmulnbits2_b{block}"] = median_ms(session, x, args.runs)

@@ -321,6 +321,15 @@ using NibbleDotFn = void (*)(const uint8_t* const* codes, int64_t count, const f
 
 constexpr int kNibbleBlock = 32;  // vector positions per step
 
+// 2- or 4-bit codes in byte-aligned rows, 16 output rows at once, from per-position tables (see
+// tile_dot_avx512):
+// out[r * 16 + i] = sum_{v < count} lut[r * lut_stride + v * 16 + code_{i,v}]; AVX-512 only.
+using TileDotFn = void (*)(const uint8_t* codes, int64_t row_bytes, int64_t count, const float* lut,
+                           int64_t lut_stride, float* out);
+using BuildTileLutFn = void (*)(const float* x, int d, int K, int64_t count, const float* table, float* lut);
+constexpr int kTileRows = 16;             // output rows per tile call (lanes of a register)
+constexpr int64_t kTileRowLimit = 4;      // more activation rows: the nibble kernel
+
 constexpr int kRegisterMaxCodeBits = 6;  // tables of at most 64 codewords per component
 constexpr int kRegisterTableStride = 64;
 constexpr int kRegisterMaxRows = 4;      // activation rows per call
@@ -524,6 +533,98 @@ __attribute__((target(MGVQ_AVX512))) void nibble_dot_avx512(const uint8_t* const
       out[o * NR + r] = hsum256(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
     }
 }
+
+// 16 x 16 transpose of dwords: z[i] holds dwords c = 0..15 of row i before, dword c of rows 0..15 (lane i
+// = row i) in z[c] after. Unpacks pair rows within each 128-bit lane, then two 128-bit shuffles.
+__attribute__((target(MGVQ_AVX512))) inline void transpose16_epi32(__m512i* z) {
+  __m512i s[16];
+  for (int i = 0; i < 8; ++i) {
+    s[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+    s[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
+  }
+  __m512i q[4][4];  // q[j][e], 128-bit lane L: rows 4j..4j+3 at dword 4L + e
+  for (int j = 0; j < 4; ++j) {
+    q[j][0] = _mm512_unpacklo_epi64(s[4 * j], s[4 * j + 2]);
+    q[j][1] = _mm512_unpackhi_epi64(s[4 * j], s[4 * j + 2]);
+    q[j][2] = _mm512_unpacklo_epi64(s[4 * j + 1], s[4 * j + 3]);
+    q[j][3] = _mm512_unpackhi_epi64(s[4 * j + 1], s[4 * j + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i t0 = _mm512_shuffle_i32x4(q[0][e], q[1][e], 0x44), t1 = _mm512_shuffle_i32x4(q[0][e], q[1][e], 0xee);
+    const __m512i t2 = _mm512_shuffle_i32x4(q[2][e], q[3][e], 0x44), t3 = _mm512_shuffle_i32x4(q[2][e], q[3][e], 0xee);
+    z[e] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+    z[4 + e] = _mm512_shuffle_i32x4(t0, t2, 0xdd);
+    z[8 + e] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+    z[12 + e] = _mm512_shuffle_i32x4(t1, t3, 0xdd);
+  }
+}
+
+// lut[v * 16 + k] = sum_{t < d} x[v * d + t] * table[t * 64 + k % K] for v < count, k < 16: the products
+// of each vector position's activations with the K (4 or 16) codewords, once per activation row and
+// call. Smaller codebooks repeat, so a permute may read the next code's bits above the low log2(K).
+__attribute__((target(MGVQ_AVX512))) void build_tile_lut_avx512(const float* x, int d, int K, int64_t count,
+                                                               const float* table, float* lut) {
+  const __m512i wrap = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(K - 1));
+  __m512 T[4];
+  for (int t = 0; t < d; ++t) T[t] = _mm512_permutexvar_ps(wrap, _mm512_loadu_ps(table + t * kRegisterTableStride));
+  for (int64_t v = 0; v < count; ++v) {
+    __m512 acc = _mm512_mul_ps(_mm512_set1_ps(x[v * d]), T[0]);
+    for (int t = 1; t < d; ++t) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[v * d + t]), T[t], acc);
+    _mm512_storeu_ps(lut + v * 16, acc);
+  }
+}
+
+// Adds the table entries of the 32 / BD codes in each lane of `codes` (BD bits each, LSB first: positions
+// v0 .. v0 + nq - 1) to acc: lane i gets sum_q lut_r[v0 + q][code q of lane i].
+template <int BD, int NR, int NA>
+__attribute__((target(MGVQ_AVX512))) inline void tile_column(__m512i codes, int nq, const float* lut,
+                                                             int64_t lut_stride, __m512 (*acc)[NA]) {
+  for (int q = 0; q < nq; ++q) {
+    const __m512i index = q ? _mm512_srli_epi32(codes, BD * q) : codes;  // permutes read the low 4 bits
+    for (int r = 0; r < NR; ++r)
+      acc[r][q % NA] = _mm512_add_ps(acc[r][q % NA],
+                                     _mm512_permutexvar_ps(index, _mm512_loadu_ps(lut + r * lut_stride + q * 16)));
+  }
+}
+
+// BD-bit codes (2 or 4) of 16 output rows at once (row i's codes start on the byte codes + i * row_bytes),
+// with a table per vector position (lut_r[v * 16 + k], rows lut_stride floats apart): after a 16 x 16
+// transpose of the code dwords each lane holds one output row, so one permute looks up 16 rows'
+// weights-times-activations at a vector position (T-MAC's tables, applied across rows). Half the
+// permutes of the nibble kernel per code and no multiply.
+// out[r * 16 + i] = sum_{v < count} lut_r[v * 16 + code_{i,v}], r < NR, i < 16.
+template <int BD, int NR>
+__attribute__((target(MGVQ_AVX512))) void tile_dot_avx512(const uint8_t* codes, int64_t row_bytes, int64_t count,
+                                                         const float* lut, int64_t lut_stride, float* out) {
+  constexpr int NA = NR == 1 ? 4 : 2;  // independent sums per activation row: add latency
+  constexpr int kPerDword = 32 / BD, kBlock = 16 * kPerDword;  // codes per lane, per row and step
+  __m512 acc[NR][NA];
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < NA; ++a) acc[r][a] = _mm512_setzero_ps();
+  __m512i z[16];
+  int64_t v = 0;
+  for (; v + kBlock <= count; v += kBlock) {
+    for (int i = 0; i < 16; ++i) z[i] = _mm512_loadu_si512(codes + i * row_bytes + v * BD / 8);
+    transpose16_epi32(z);
+    for (int c = 0; c < 16; ++c)
+      tile_column<BD, NR, NA>(z[c], kPerDword, lut + (v + kPerDword * c) * 16, lut_stride, acc);
+  }
+  if (v < count) {
+    const int64_t rem = count - v;
+    const __mmask64 load = byte_mask((int)((rem * BD + 7) / 8));
+    for (int i = 0; i < 16; ++i) z[i] = _mm512_maskz_loadu_epi8(load, codes + i * row_bytes + v * BD / 8);
+    transpose16_epi32(z);
+    for (int c = 0; kPerDword * c < rem; ++c)
+      tile_column<BD, NR, NA>(z[c], (int)std::min<int64_t>(kPerDword, rem - kPerDword * c),
+                              lut + (v + kPerDword * c) * 16, lut_stride, acc);
+  }
+  for (int r = 0; r < NR; ++r) {
+    __m512 s = acc[r][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[r][a]);
+    _mm512_storeu_ps(out + r * 16, s);
+  }
+}
 #endif
 
 #pragma GCC diagnostic pop
@@ -533,6 +634,8 @@ struct RegisterDotTable {
   RegisterDotFn fns[3][3][kRegisterMaxRows] = {};
   int64_t class_limit[2] = {0, 0};  // codebook class 0: K <= class_limit[0], 1: K <= class_limit[1], 2: K <= 64
   NibbleDotFn nibble[3][kRegisterMaxRows][2] = {};  // [dim class][rows - 1][output rows - 1]; AVX-512 only
+  TileDotFn tile[2][kRegisterMaxRows] = {};          // [code bits / 2 - 1][rows - 1]; AVX-512 only
+  BuildTileLutFn build_tile_lut = nullptr;
 };
 
 template <template <int, int, int> class Kernel, int D, int KC>
@@ -582,10 +685,19 @@ RegisterDotTable make_register_table(int64_t limit0, int64_t limit1) {
   return table;
 }
 
-RegisterDotTable with_nibble(RegisterDotTable table) {
+RegisterDotTable with_4bit_kernels(RegisterDotTable table) {
   fill_nibble<1>(table.nibble[0]);
   fill_nibble<2>(table.nibble[1]);
   fill_nibble<4>(table.nibble[2]);
+  table.tile[0][0] = tile_dot_avx512<2, 1>;
+  table.tile[0][1] = tile_dot_avx512<2, 2>;
+  table.tile[0][2] = tile_dot_avx512<2, 3>;
+  table.tile[0][3] = tile_dot_avx512<2, 4>;
+  table.tile[1][0] = tile_dot_avx512<4, 1>;
+  table.tile[1][1] = tile_dot_avx512<4, 2>;
+  table.tile[1][2] = tile_dot_avx512<4, 3>;
+  table.tile[1][3] = tile_dot_avx512<4, 4>;
+  table.build_tile_lut = build_tile_lut_avx512;
   return table;
 }
 #endif
@@ -613,7 +725,7 @@ HotLoops select_hot_loops() {
                       __builtin_cpu_supports("avx512vbmi");
   if (avx512 && (force == "auto" || force == "avx512"))
     return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
-            with_nibble(make_register_table<Avx512Dot, 1, 2, 4>(16, 32)), "avx512"};
+            with_4bit_kernels(make_register_table<Avx512Dot, 1, 2, 4>(16, 32)), "avx512"};
   if (avx2 && force != "portable")
     return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
             make_register_table<Avx2Dot, 1, 2, 0>(8, 16), "avx2"};
@@ -798,6 +910,8 @@ struct VQGemmKernel {
     if (path != nullptr && std::string(path) == "register") path_ = Path::kRegister;
     const char* piece = std::getenv("MGVQ_VQGEMM_PIECE");  // vector positions per cached table slice
     if (piece != nullptr && std::atoi(piece) > 0) piece_vectors_ = std::min(std::atoi(piece), 4096);
+    const char* tile_rows = std::getenv("MGVQ_VQGEMM_TILE_ROWS");  // most activation rows for the tile kernel
+    if (tile_rows != nullptr && *tile_rows != 0) tile_row_limit_ = std::atoi(tile_rows);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -1075,6 +1189,7 @@ struct VQGemmKernel {
     struct GroupPlan {
       const RegisterDotFn* fns = nullptr;  // [rows - 1], bit-packed codes
       bool nibble = false;                 // 4-bit codes in byte-aligned rows: the nibble kernel
+      bool tile = false;                   // ... and few activation rows: the tile kernel (16 output rows)
       int64_t comp_stride = 0, x_offset = 0;
     };
     std::vector<float> tables(L.groups.size() * d * kRegisterTableStride, 0.f);
@@ -1090,6 +1205,10 @@ struct VQGemmKernel {
       P.nibble = R.nibble[dim_class][0][0] != nullptr && G.bits * d == 4 && G.nvec % 2 == 0;
       for (const Segment& S : L.segments)
         if (S.group == (int)g && (S.vec_begin - G.vec_offset) % kNibbleBlock) P.nibble = false;
+      const int64_t bd = G.bits * d;
+      P.tile = R.build_tile_lut != nullptr && (bd == 2 || bd == 4) && G.nvec * bd % 8 == 0 && rows <= tile_row_limit_;
+      for (const Segment& S : L.segments)
+        if (S.group == (int)g && (S.vec_begin - G.vec_offset) * bd % 8) P.tile = false;  // rows start on a byte
       P.comp_stride = P.nibble ? (G.nvec + kNibbleBlock - 1) / kNibbleBlock * kNibbleBlock : G.nvec;
       P.x_offset = row_stride;
       row_stride += d * P.comp_stride;
@@ -1108,27 +1227,50 @@ struct VQGemmKernel {
           for (int64_t t = 0; t < d; ++t) dst[t * P.comp_stride + at] = src[v * d + t];
         }
       }
+    // The tile groups' per-position tables: lut[(r * nvec + v) * 16 + k] = <x_r(v), codeword k>.
+    std::vector<float> lut;
+    for (size_t g = 0; g < L.groups.size(); ++g) {
+      const Group& G = L.groups[g];
+      if (!plan[g].tile) continue;
+      if (lut.empty()) lut.resize((size_t)rows * L.nvec * 16);
+      for (int64_t r = 0; r < rows; ++r)
+        R.build_tile_lut(xp + (size_t)r * L.n + G.start, (int)d, (int)G.K, G.nvec,
+                         tables.data() + g * d * kRegisterTableStride,
+                         lut.data() + ((size_t)r * L.nvec + G.vec_offset) * 16);
+    }
     const std::vector<float> scale_f = ScalesAsFloat(scales);
     const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
-    constexpr int64_t kOutBlock = 16;  // output rows per task (even: the nibble kernel takes them in pairs)
+    constexpr int64_t kOutBlock = kTileRows;  // output rows per task (even: the nibble kernel takes them in pairs)
     const size_t ntasks = (size_t)((L.m + kOutBlock - 1) / kOutBlock);
     parallel_for(pc, ntasks, [&](size_t i) {
-      const int64_t o_end = std::min<int64_t>(L.m, (int64_t)(i + 1) * kOutBlock);
-      float part[2 * kRegisterMaxRows], sum[2 * kRegisterMaxRows];
-      for (int64_t o = (int64_t)i * kOutBlock; o < o_end; o += 2) {
-        const int no = (int)std::min<int64_t>(2, o_end - o);
-        for (int64_t r0 = 0; r0 < rows; r0 += kRegisterMaxRows) {
-          const int nr = (int)std::min<int64_t>(kRegisterMaxRows, rows - r0);
-          std::fill(sum, sum + 2 * kRegisterMaxRows, 0.f);
-          for (const Segment& S : L.segments) {
-            const Group& G = L.groups[S.group];
-            const GroupPlan& P = plan[S.group];
-            const int64_t bd = G.bits * d, local = S.vec_begin - G.vec_offset;
-            const float* table = tables.data() + (size_t)S.group * d * kRegisterTableStride;
-            const float* x = xs.data() + (size_t)r0 * row_stride + P.x_offset + local;
-            auto bit_of = [&](int64_t out_row) {
-              return (uint64_t)G.code_byte * 8 + (uint64_t)(out_row * G.nvec + local) * bd;
-            };
+      const int64_t o0 = (int64_t)i * kOutBlock, o_end = std::min<int64_t>(L.m, o0 + kOutBlock);
+      const bool whole_tile = o_end - o0 == kTileRows;
+      float part[kTileRows * kRegisterMaxRows], sum[kTileRows * kRegisterMaxRows];  // [output row][activation row]
+      for (int64_t r0 = 0; r0 < rows; r0 += kRegisterMaxRows) {
+        const int nr = (int)std::min<int64_t>(kRegisterMaxRows, rows - r0);
+        std::fill(sum, sum + kTileRows * kRegisterMaxRows, 0.f);
+        for (const Segment& S : L.segments) {
+          const Group& G = L.groups[S.group];
+          const GroupPlan& P = plan[S.group];
+          const int64_t bd = G.bits * d, local = S.vec_begin - G.vec_offset;
+          const float* table = tables.data() + (size_t)S.group * d * kRegisterTableStride;
+          const float* x = xs.data() + (size_t)r0 * row_stride + P.x_offset + local;
+          auto bit_of = [&](int64_t out_row) {
+            return (uint64_t)G.code_byte * 8 + (uint64_t)(out_row * G.nvec + local) * bd;
+          };
+          auto add_part = [&](int64_t o, int k, float value, int r) {
+            const float s = S.scale_col >= 0 ? scale_f[(size_t)(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
+            sum[(o + k - o0) * nr + r] += s * value;
+          };
+          if (P.tile && whole_tile) {
+            const float* lut_r0 = lut.data() + ((size_t)r0 * L.nvec + S.vec_begin) * 16;
+            R.tile[bd / 2 - 1][nr - 1](codes + (bit_of(o0) >> 3), G.nvec * bd / 8, S.count, lut_r0, L.nvec * 16, part);
+            for (int k = 0; k < kTileRows; ++k)
+              for (int r = 0; r < nr; ++r) add_part(o0, k, part[r * kTileRows + k], r);
+            continue;
+          }
+          for (int64_t o = o0; o < o_end; o += 2) {
+            const int no = (int)std::min<int64_t>(2, o_end - o);
             if (P.nibble) {
               const uint8_t* rows_codes[2] = {codes + (bit_of(o) >> 3), codes + (bit_of(o + no - 1) >> 3)};
               R.nibble[dim_class][nr - 1][no - 1](rows_codes, S.count, table, x, P.comp_stride, row_stride, part);
@@ -1137,14 +1279,12 @@ struct VQGemmKernel {
                 P.fns[nr - 1](codes, codes_end, bit_of(o + k), (int)bd, S.count, table, x, P.comp_stride, row_stride,
                               part + k * nr);
             }
-            for (int k = 0; k < no; ++k) {
-              const float s = S.scale_col >= 0 ? scale_f[(size_t)(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
-              for (int r = 0; r < nr; ++r) sum[k * nr + r] += s * part[k * nr + r];
-            }
+            for (int k = 0; k < no; ++k)
+              for (int r = 0; r < nr; ++r) add_part(o, k, part[k * nr + r], r);
           }
-          for (int k = 0; k < no; ++k)
-            for (int r = 0; r < nr; ++r) y[(size_t)(r0 + r) * L.m + o + k] = sum[k * nr + r];
         }
+        for (int64_t o = o0; o < o_end; ++o)
+          for (int r = 0; r < nr; ++r) y[(size_t)(r0 + r) * L.m + o] = sum[(o - o0) * nr + r];
       }
     });
   }
@@ -1197,6 +1337,7 @@ struct VQGemmKernel {
   Layout layout_;
   Path path_ = Path::kAuto;
   int64_t piece_vectors_ = 64;
+  int64_t tile_row_limit_ = kTileRowLimit;
 };
 
 // One registration per activation type (float, float16): ORT picks the kernel by X's type.

@@ -28,12 +28,14 @@ def library(ops_library) -> str:
 @pytest.fixture()
 def session_for(library, monkeypatch):
     def make(model: bytes | Path, *, path: str = "auto", isa: str = "auto", threads: int = 2,
-             piece: int = 0) -> ort.InferenceSession:
+             piece: int = 0, tile_rows: str = "") -> ort.InferenceSession:
         monkeypatch.setenv(runtime.LIBRARY_ENV, library)
-        # Read when the kernel is created: forced path, instruction set, table slice size.
+        # Read when the kernel is created: forced path, instruction set, table slice size, most
+        # activation rows for the 16-output-row tile kernel ("" = its default, "0" = never).
         monkeypatch.setenv("MGVQ_VQGEMM_PATH", path)
         monkeypatch.setenv("MGVQ_VQGEMM_ISA", isa)
         monkeypatch.setenv("MGVQ_VQGEMM_PIECE", str(piece))
+        monkeypatch.setenv("MGVQ_VQGEMM_TILE_ROWS", tile_rows)
         return runtime.create_session(model, threads=threads)
 
     return make
@@ -150,6 +152,31 @@ def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bound
     x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
     session = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path="register", isa=isa)
     assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
+# Layouts for the AVX-512 tile kernel (2- and 4-bit codes, rows of whole bytes, 16 output rows per
+# call): full steps and tails, scale blocks, a last partial tile, 1 to 4 activation rows, and a group
+# whose rows do not start on a byte (other kernels).
+@pytest.mark.parametrize("m,n,d,bounds,bits,scale_group,batch", [
+    (48, 600, 2, [0, 8, 264, 600], [1, 2, 1], 0, (1,)),
+    (35, 480, 2, [0, 160, 480], [2, 1], 40, (3,)),
+    (32, 300, 1, [0, 100, 300], [4, 2], 0, (2, 2)),
+    (16, 520, 4, [0, 520], [1], 0, (1,)),
+    (32, 70, 2, [0, 6, 70], [1, 2], 0, (2,)),
+])
+def test_tile_kernel_equals_reference_and_the_other_kernels(session_for, m, n, d, bounds, bits, scale_group,
+                                                            batch):
+    rng = np.random.default_rng(m * 7 + n)
+    weight = random_weight(rng, m, n, d, bounds, bits, perm=True, scale_group=scale_group)
+    bias = nonzero_normal(rng, (m,)).astype(np.float32)
+    x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
+    model = custom_model(weight, batch, TensorProto.FLOAT, bias)
+    (tiled,) = session_for(model, path="register").run(None, {"x": x})
+    (untiled,) = session_for(model, path="register", tile_rows="0").run(None, {"x": x})
+    ref = vqgemm_reference(x, weight, bias)
+    assert rel_err(tiled, ref) < 1e-5
+    assert rel_err(untiled, ref) < 1e-5
+    assert rel_err(tiled, untiled) < 1e-5
 
 
 @pytest.mark.parametrize("isa", ["auto", "portable"])
