@@ -32,11 +32,13 @@ BUILD_DIR = ROOT / "build"
 HEADERS_DIR = BUILD_DIR / "ort-headers"
 LIBRARY = BUILD_DIR / "libmgvq_ops.so"
 SOURCES = [Path(__file__).resolve().parent / "vq_gemm_cpu.cc"]
+# What the CPU library is built from: its sources and the header it shares with the CUDA glue.
+CPU_INPUTS = [*SOURCES, Path(__file__).resolve().parent / "vq_gemm_op.h"]
 CUDA_LIBRARY = BUILD_DIR / "libmgvq_ops_cuda.so"
 _CUSTOM_OPS = Path(__file__).resolve().parent
 CUDA_KERNELS = _CUSTOM_OPS / "vq_gemm_cuda.cu"
 CUDA_GLUE = _CUSTOM_OPS / "vq_gemm_cuda_ops.cc"
-CUDA_SOURCES = [CUDA_KERNELS, CUDA_GLUE, _CUSTOM_OPS / "vq_gemm_cuda.h", *SOURCES]
+CUDA_SOURCES = [CUDA_KERNELS, CUDA_GLUE, _CUSTOM_OPS / "vq_gemm_cuda.h", *CPU_INPUTS]
 # SASS for Ampere (runs on sm_86/sm_89 too) and Hopper, plus PTX that newer GPUs compile at load.
 CUDA_GENCODE = (
     "-gencode=arch=compute_80,code=sm_80",
@@ -151,7 +153,7 @@ def fetch_headers(deb: Path | None = None) -> Path:
 
 def build(output: Path = LIBRARY, *, force: bool = False, cxx: str = "g++") -> Path:
     """Compile the CPU kernels into ``output`` (skipped when it is newer than its sources)."""
-    if not force and output.exists() and all(output.stat().st_mtime >= s.stat().st_mtime for s in SOURCES):
+    if not force and output.exists() and all(output.stat().st_mtime >= s.stat().st_mtime for s in CPU_INPUTS):
         return output
     _check_tools(cxx)
     headers = fetch_headers()

@@ -13,6 +13,8 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include "vq_gemm_op.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -30,8 +32,8 @@
 
 namespace {
 
-const char* kDomain = "mgvq";
-const char* kOpName = "VQGemm";
+using mgvq_op::str;
+constexpr const char* kLabel = "mgvq.VQGemm";  // error messages start with it
 
 // ------------------------------------------------------------------------------------------------
 // float16 <-> float32 (portable; F16C is not assumed)
@@ -806,36 +808,25 @@ struct Layout {
   int64_t max_group_nvec = 0;
 };
 
-std::string str(int64_t v) { return std::to_string(v); }
-
-Layout make_layout(int64_t n, int64_t m, int64_t d, const std::vector<int64_t>& bounds,
-                   const std::vector<int64_t>& bits, int64_t scale_group) {
+// The kernel's view of the (checked) attributes.
+Layout make_layout(const mgvq_op::Attributes& a) {
   Layout L;
-  L.n = n;
-  L.m = m;
-  L.d = d;
-  L.scale_group = scale_group;
-  if (n <= 0 || m <= 0 || d <= 0) throw std::runtime_error("in_features, out_features and vector_dim must be > 0");
-  if (bounds.size() != bits.size() + 1 || bits.empty())
-    throw std::runtime_error("group_bounds must have one more entry than group_bits");
-  if (bounds.front() != 0 || bounds.back() != n) throw std::runtime_error("group_bounds must go from 0 to in_features");
-  if (scale_group < 0 || (scale_group > 0 && n % scale_group))
-    throw std::runtime_error("scale_group_size must divide in_features");
+  L.n = a.n;
+  L.m = a.m;
+  L.d = a.d;
+  L.scale_group = a.scale_group;
+  const int64_t d = a.d, scale_group = a.scale_group;
   int64_t vec = 0, row = 0, byte = 0;
-  for (size_t g = 0; g < bits.size(); ++g) {
+  for (size_t g = 0; g < a.bits.size(); ++g) {
     Group G;
-    G.start = bounds[g];
-    G.stop = bounds[g + 1];
-    G.bits = bits[g];
-    if (G.stop <= G.start || (G.stop - G.start) % d)
-      throw std::runtime_error("group " + str(g) + " width is not a positive multiple of vector_dim");
-    if (G.bits < 1 || G.bits * d > 16)
-      throw std::runtime_error("group " + str(g) + ": bits * vector_dim must be in 1..16");
-    G.K = int64_t(1) << (G.bits * d);
-    G.nvec = (G.stop - G.start) / d;
+    G.start = a.bounds[g];
+    G.stop = a.bounds[g + 1];
+    G.bits = a.bits[g];
+    G.K = a.codebook_size(g);
+    G.nvec = a.width(g) / d;
     G.codebook_row = row;
     G.code_byte = byte;
-    G.code_nbytes = (m * G.nvec * G.bits * d + 7) / 8;
+    G.code_nbytes = a.code_nbytes(g);
     G.vec_offset = vec;
     row += G.K;
     byte += G.code_nbytes;
@@ -893,17 +884,8 @@ enum class Path { kAuto, kLut, kDecode, kRegister };
 
 struct VQGemmKernel {
   VQGemmKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), loops_(select_hot_loops()) {
-    Ort::ConstKernelInfo ki(info);
-    std::vector<int64_t> bounds = ki.GetAttributes<int64_t>("group_bounds");
-    std::vector<int64_t> bits = ki.GetAttributes<int64_t>("group_bits");
-    int64_t scale_group = 0;
-    try {
-      scale_group = ki.GetAttribute<int64_t>("scale_group_size");
-    } catch (const Ort::Exception&) {
-      scale_group = 0;
-    }
-    layout_ = make_layout(ki.GetAttribute<int64_t>("in_features"), ki.GetAttribute<int64_t>("out_features"),
-                          ki.GetAttribute<int64_t>("vector_dim"), bounds, bits, scale_group);
+    attributes_ = mgvq_op::read_attributes(info);
+    layout_ = make_layout(attributes_);
     const char* path = std::getenv("MGVQ_VQGEMM_PATH");  // register | lut | decode | auto (tests force a path)
     if (path != nullptr && std::string(path) == "lut") path_ = Path::kLut;
     if (path != nullptr && std::string(path) == "decode") path_ = Path::kDecode;
@@ -915,14 +897,7 @@ struct VQGemmKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(context);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return api_.CreateStatus(e.GetOrtErrorCode(), (std::string("mgvq.VQGemm: ") + e.what()).c_str());
-    } catch (const std::exception& e) {
-      return api_.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("mgvq.VQGemm: ") + e.what()).c_str());
-    }
+    return mgvq_op::status_of(api_, kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -968,54 +943,25 @@ struct VQGemmKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const Layout& L = layout_;
-    const size_t num_inputs = ctx.GetInputCount();
-    auto input = [&](size_t i) -> Ort::ConstValue {
-      if (i >= num_inputs) return Ort::ConstValue{nullptr};
-      return ctx.GetInput(i);
-    };
-    Ort::ConstValue x_val = input(0), perm_val = input(1), cb_val = input(2), codes_val = input(3),
-                    scales_val = input(4), bias_val = input(5);
-    if (!x_val || !cb_val || !codes_val) throw std::runtime_error("inputs X, codebooks and codes are required");
-
-    auto x_info = x_val.GetTensorTypeAndShapeInfo();
-    const ONNXTensorElementDataType x_type = x_info.GetElementType();
-    if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
-      throw std::runtime_error("X must be float or float16");
-    std::vector<int64_t> x_shape = x_info.GetShape();
-    if (x_shape.empty() || x_shape.back() != L.n)
-      throw std::runtime_error("X's last dimension must be in_features = " + str(L.n));
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < x_shape.size(); ++i) rows *= x_shape[i];
-
-    auto check = [](const Ort::ConstValue& v, ONNXTensorElementDataType type, const std::vector<int64_t>& shape,
-                    const char* what) {
-      auto info = v.GetTensorTypeAndShapeInfo();
-      if (info.GetElementType() != type) throw std::runtime_error(std::string(what) + " has the wrong element type");
-      if (info.GetShape() != shape) throw std::runtime_error(std::string(what) + " has the wrong shape");
-    };
-    check(cb_val, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {L.codebook_rows, L.d}, "codebooks");
-    check(codes_val, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {L.code_nbytes}, "codes");
+    const mgvq_op::Inputs in = mgvq_op::read_inputs(ctx, attributes_);
+    const ONNXTensorElementDataType x_type = in.x_type;
+    const std::vector<int64_t>& x_shape = in.x_shape;
+    const int64_t rows = in.rows;
+    const Ort::ConstValue &x_val = in.x, &cb_val = in.codebooks, &codes_val = in.codes;
     const int32_t* perm = nullptr;
-    if (perm_val) {
-      check(perm_val, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {L.n}, "perm");
-      perm = perm_val.GetTensorData<int32_t>();
+    if (in.perm) {
+      perm = in.perm.GetTensorData<int32_t>();
       for (int64_t j = 0; j < L.n; ++j)
         if (perm[j] < 0 || perm[j] >= L.n) throw std::runtime_error("perm has an entry out of range");
     }
-    const uint16_t* scales = nullptr;
-    if (scales_val) {
-      if (L.scale_group == 0) throw std::runtime_error("scales given but scale_group_size is 0");
-      check(scales_val, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {L.m, L.n / L.scale_group}, "scales");
-      scales = reinterpret_cast<const uint16_t*>(scales_val.GetTensorRawData());
-    }
+    const uint16_t* scales = in.scales ? reinterpret_cast<const uint16_t*>(in.scales.GetTensorRawData()) : nullptr;
     std::vector<float> bias;
-    if (bias_val) {
-      check(bias_val, x_type, {L.m}, "bias");
+    if (in.bias) {
       bias.resize(L.m);
       if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        std::memcpy(bias.data(), bias_val.GetTensorData<float>(), L.m * sizeof(float));
+        std::memcpy(bias.data(), in.bias.GetTensorData<float>(), L.m * sizeof(float));
       } else {
-        auto b16 = reinterpret_cast<const uint16_t*>(bias_val.GetTensorRawData());
+        auto b16 = reinterpret_cast<const uint16_t*>(in.bias.GetTensorRawData());
         for (int64_t o = 0; o < L.m; ++o) bias[o] = half_to_float(b16[o]);
       }
     }
@@ -1117,6 +1063,7 @@ struct VQGemmKernel {
     chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk));
     std::vector<float> tables((size_t)chunk * table_floats);
     const std::vector<float> scale_f = ScalesAsFloat(scales);
+    const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
     constexpr int64_t kVecBlock = 256;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t nr = std::min(chunk, rows - r0);
@@ -1154,7 +1101,8 @@ struct VQGemmKernel {
             const int64_t local = p0 - G.vec_offset;
             for (int64_t k = 0; k < no; ++k) {
               const int64_t o = o0 + k;
-              const float s = S.scale_col >= 0 ? scale_f[(size_t)o * (L.n / L.scale_group) + S.scale_col] : 1.f;
+              const float s =
+                  scaled && S.scale_col >= 0 ? scale_f[(size_t)o * (L.n / L.scale_group) + S.scale_col] : 1.f;
               if (bd == 8) {  // byte codes: looked up straight from the packed stream
                 const uint8_t* row = codes + G.code_byte + o * G.nvec + local;
                 for (int64_t r = 0; r < nr; ++r) {
@@ -1239,6 +1187,7 @@ struct VQGemmKernel {
                          lut.data() + ((size_t)r * L.nvec + G.vec_offset) * 16);
     }
     const std::vector<float> scale_f = ScalesAsFloat(scales);
+    const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
     const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
     constexpr int64_t kOutBlock = kTileRows;  // output rows per task (even: the nibble kernel takes them in pairs)
     const size_t ntasks = (size_t)((L.m + kOutBlock - 1) / kOutBlock);
@@ -1259,7 +1208,7 @@ struct VQGemmKernel {
             return (uint64_t)G.code_byte * 8 + (uint64_t)(out_row * G.nvec + local) * bd;
           };
           auto add_part = [&](int64_t o, int k, float value, int r) {
-            const float s = S.scale_col >= 0 ? scale_f[(size_t)(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
+            const float s = scaled && S.scale_col >= 0 ? scale_f[(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
             sum[(o + k - o0) * nr + r] += s * value;
           };
           if (P.tile && whole_tile) {
@@ -1338,54 +1287,18 @@ struct VQGemmKernel {
   Path path_ = Path::kAuto;
   int64_t piece_vectors_ = 64;
   int64_t tile_row_limit_ = kTileRowLimit;
+  mgvq_op::Attributes attributes_;
 };
 
-// One registration per activation type (float, float16): ORT picks the kernel by X's type.
-struct VQGemmOp : Ort::CustomOpBase<VQGemmOp, VQGemmKernel, true> {
-  explicit VQGemmOp(ONNXTensorElementDataType type) : type_(type) {}
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new VQGemmKernel(api, info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), (std::string("mgvq.VQGemm: ") + e.what()).c_str());
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string("mgvq.VQGemm: ") + e.what()).c_str());
-    }
-  }
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    switch (index) {
-      case 1:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-      case 2:
-      case 4:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-      case 3:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      default:  // X and bias
-        return type_;
-    }
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return (index == 1 || index >= 4) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return type_; }
-
- private:
-  ONNXTensorElementDataType type_;
-};
+using VQGemmOp = mgvq_op::Op<VQGemmKernel>;
 
 VQGemmOp& op_float() {
-  static VQGemmOp op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static VQGemmOp op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "CPUExecutionProvider", kLabel);
   return op;
 }
 
 VQGemmOp& op_float16() {
-  static VQGemmOp op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  static VQGemmOp op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, "CPUExecutionProvider", kLabel);
   return op;
 }
 
@@ -1398,14 +1311,10 @@ __attribute__((visibility("default"))) const char* MgvqVQGemmIsa() { return sele
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) {  // a runtime older than the 1.21 headers: report it through the oldest API
-    const OrtApi* v1 = api_base->GetApi(1);
-    return v1 == nullptr ? nullptr
-                         : v1->CreateStatus(ORT_FAIL, "mgvq custom ops need ONNX Runtime >= 1.21 (API version 21)");
-  }
+  if (api == nullptr) return mgvq_op::too_old_runtime(api_base);
   Ort::InitApi(api);
   OrtCustomOpDomain* domain = nullptr;
-  if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
+  if (OrtStatus* status = api->CreateCustomOpDomain(mgvq_op::kDomain, &domain)) return status;
   // The domain must outlive every session using it; it is kept for the life of the process.
   static std::mutex mutex;
   static std::vector<OrtCustomOpDomain*> domains;

@@ -261,3 +261,16 @@ def test_library_path_errors(monkeypatch, tmp_path):
     with pytest.raises(MgvqError, match="not built") as info:
         runtime.library_path("cpu")
     assert "custom_ops/build.py" in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["register", "lut", "decode"])
+def test_scale_group_size_without_scales_scales_nothing(session_for, path):
+    rng = np.random.default_rng(2)
+    weight = random_weight(rng, 32, 64, 2, [0, 64], [2], perm=True)
+    model = onnx.load_from_string(custom_model(weight, (3,), TensorProto.FLOAT, None))
+    node = model.graph.node[0]
+    attribute = next(a for a in node.attribute if a.name == "scale_group_size")
+    attribute.i = 16  # the optional scales input stays absent
+    x = nonzero_normal(rng, (3, 64)).astype(np.float32)
+    (y,) = session_for(model.SerializeToString(), path=path).run(None, {"x": x})
+    assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
