@@ -18,6 +18,12 @@
    and the same 2-bit model in the portable form: step latency, tokens/s, file size, and the resident
    memory growth of a fresh process that creates the session and runs it once; the check that the
    memory saved matches the bytes saved. Exports and compiled models are cached in --work-dir.
+3. The linear layers of a real mgvq compile (the layouts of a report.json: each layer's shape, vector
+   dimension, channel groups and their bits, which mix 1 to 4 bits), batch 1: VQGemm at those layouts
+   (random codes), against the same shapes as fp32 MatMul and as uniform 2-bit d = 2 VQGemm. Their sum
+   is the linear-layer time of a decode step. The report is --layouts, else the accuracy benchmark's or
+   the demo's SmolLM2 mgvq 2-bit seed-0 compile; without one the section is skipped (``make demo`` makes
+   one).
 
 Writes ``kernels.json`` and ``kernels.md`` to --out-dir and prints the tables. ``--quick`` (a smoke
 run): two shapes, a few runs, SmolLM2 cut to 2 layers.
@@ -48,6 +54,7 @@ from opbench import (
     initializer_nbytes,
     nbits_model,
     read_bandwidth_gbs,
+    vq_layout_model,
     session_rss_growth,
     time_runs,
     vq_model,
@@ -220,6 +227,60 @@ def measure_decode(label: str, model: Path, threads: int, settings: Settings) ->
             "step_min_ms": timing.min_s * 1e3, "runs": timing.runs, "tokens_per_s": 1.0 / timing.median_s, **rss}
 
 
+def find_layouts_report(work_dir: Path) -> Path | None:
+    """The report.json of a SmolLM2 mgvq 2-bit compile: the accuracy benchmark's, else the demo's."""
+    candidates = [work_dir / "accuracy" / "models" / "smollm2-mgvq-2bit-seed0" / "report.json",
+                  HERE.parent / "demo_out" / "smollm2-mgvq-2bit-seed0" / "report.json"]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def read_layouts(report: Path) -> list[dict]:
+    """Each quantized layer's shape (out, in), vector dimension and channel groups, from a report.json."""
+    layers = json.loads(report.read_text())["layers"]
+    return [{"out": layer["shape"][0], "in": layer["shape"][1], "d": layer["vector_dim"],
+             "bounds": layer["group_bounds"], "bits": layer["bits"]} for layer in layers if layer["quantized"]]
+
+
+def measure_layouts(report: Path, threads: int, settings: Settings, limit: int | None = None) -> dict:
+    """Batch-1 warm medians of every layout's VQGemm (equal layouts timed once) and of the same shapes as
+    fp32 MatMul and uniform 2-bit d = 2 VQGemm; sums over the layers."""
+    layouts = read_layouts(report)[:limit]
+    cache: dict[tuple, float] = {}
+
+    def timed(key: tuple, build: Callable[[np.random.Generator], bytes], n: int) -> float:
+        if key not in cache:
+            rng = np.random.default_rng(len(cache))
+            session = create_session(build(rng), threads=threads)
+            feed = {"x": rng.standard_normal((1, n), dtype=np.float32)}
+            cache[key] = time_runs(lambda: session.run(None, feed), **settings.warm).median_s * 1e3
+        return cache[key]
+
+    rows = []
+    for lay in layouts:
+        m, n, d = lay["out"], lay["in"], lay["d"]
+        rows.append({
+            **lay, "wide_codes": max(lay["bits"]) * d > 6,
+            "vqgemm_ms": timed(("vq", m, n, d, tuple(lay["bounds"]), tuple(lay["bits"])),
+                               lambda rng: vq_layout_model(rng, n, m, 1, d, lay["bounds"], lay["bits"]), n),
+            "uniform_ms": timed(("uniform", m, n), lambda rng: vq_model(rng, n, m, 1, 2, 2), n),
+            "fp32_ms": timed(("fp32", m, n), lambda rng: dense_model(rng, n, m, 1), n),
+        })
+    total = {key: sum(r[key] for r in rows) for key in ("vqgemm_ms", "uniform_ms", "fp32_ms")}
+    wide = [r for r in rows if r["wide_codes"]]
+    return {"report": str(report), "layers": len(rows), **total,
+            "wide_code_layers": len(wide), "wide_code_vqgemm_ms": sum(r["vqgemm_ms"] for r in wide),
+            "weights_by_bits": _weights_by_bits(layouts)}
+
+
+def _weights_by_bits(layouts: list[dict]) -> dict[str, float]:
+    counts: dict[int, int] = {}
+    for lay in layouts:
+        for (start, stop), b in zip(zip(lay["bounds"], lay["bounds"][1:]), lay["bits"]):
+            counts[b] = counts.get(b, 0) + (stop - start) * lay["out"]
+    total = sum(counts.values())
+    return {str(b): counts[b] / total for b in sorted(counts)}
+
+
 def memory_check(fp32: dict, quantized: dict, tolerance: float = 0.15) -> dict:
     """Does the session memory saved match the file bytes saved (within ``tolerance``)?"""
     saved = fp32["file_bytes"] - quantized["file_bytes"]
@@ -296,6 +357,25 @@ def _speed_table(checks: list[dict]) -> list[str]:
     return lines
 
 
+def _layouts_section(layouts: dict | None) -> list[str]:
+    lines = ["## Linear layers at a real mgvq compile's layouts, batch 1", ""]
+    if layouts is None or "skipped" in (layouts or {}):
+        reason = (layouts or {}).get("skipped", "not run")
+        return [*lines, f"Skipped: {reason}.", ""]
+    shares = ", ".join(f"{b} bits {100 * f:.0f}%" for b, f in layouts["weights_by_bits"].items())
+    lines += [
+        f"Layouts from `{layouts['report']}` ({layouts['layers']} quantized layers; weights at {shares}). "
+        "VQGemm at those layouts with random codes, warm medians, one op per layer in turn; the sums are a "
+        "decode step's linear layers (the fp32 LM head not included).", "",
+        "| layers | VQGemm at the report's layouts ms | uniform 2-bit d2 VQGemm ms | fp32 MatMul ms | "
+        "layers with a group of codes > 6 bits | their VQGemm ms |",
+        "|---|---|---|---|---|---|",
+        f"| {layouts['layers']} | {layouts['vqgemm_ms']:.2f} | {layouts['uniform_ms']:.2f} | {layouts['fp32_ms']:.2f} | "
+        f"{layouts['wide_code_layers']} | {layouts['wide_code_vqgemm_ms']:.2f} |", "",
+    ]
+    return lines
+
+
 def _load_note(record: dict) -> str:
     load = record["load_average_1min"]
     note = f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
@@ -329,6 +409,7 @@ def markdown_report(record: dict) -> str:
         "model. All three keep their weights in model.onnx.data, so ORT loads them alike. RSS growth: a fresh "
         "process, after its imports, creating the session and running it once.", "",
         *_decode_table(record["decode"], record["memory_checks"]), "",
+        *_layouts_section(record.get("layouts")),
     ]
     return "\n".join(lines)
 
@@ -343,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes, a few runs, SmolLM2 cut to 2 layers")
     parser.add_argument("--work-dir", type=Path, default=HERE / "work", help="cached exports and compiled models")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="where kernels.json and kernels.md go")
+    parser.add_argument("--layouts", type=Path, help="report.json of an mgvq compile whose layer layouts to time "
+                        "(default: the accuracy benchmark's or the demo's SmolLM2 mgvq 2-bit compile)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     started, load_before = time.time(), os.getloadavg()[0]
@@ -353,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         reference = max(read_before, read_after)
         models = prepare_smollm2(args.work_dir, settings.smollm2_layers, _log)
         decode = [measure_decode(label, path, args.threads, settings) for label, path in models.items()]
+        layouts_report = args.layouts or find_layouts_report(args.work_dir)
+        if layouts_report is None:
+            layouts = {"skipped": "no report.json of a SmolLM2 mgvq 2-bit compile (run make demo, or pass --layouts)"}
+        else:
+            layouts = measure_layouts(layouts_report, args.threads, settings, limit=12 if args.quick else None)
     except MgvqError as error:
         print(f"kernels: error: {error}", file=sys.stderr)
         return 2
@@ -369,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed_check": speed_check(ops),
         "decode": decode,
         "memory_checks": [memory_check(decode[0], row) for row in decode[1:]],
+        "layouts": layouts,
     }
     report = markdown_report(record)
     write_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")

@@ -33,6 +33,7 @@ __all__ = [
     "Timing",
     "single_op_model",
     "vq_model",
+    "vq_layout_model",
     "nbits_model",
     "dense_model",
     "initializer_nbytes",
@@ -81,9 +82,19 @@ def single_op_model(nodes, inits, n: int, m: int, rows: int, extra_opsets=()) ->
 
 def vq_model(rng: np.random.Generator, n: int, m: int, rows: int, bits: int, d: int) -> bytes:
     """``mgvq.VQGemm`` with one group of random codes and codebook and a column permutation."""
-    k = 1 << (bits * d)
-    group = VQGroup(0, n, bits, rng.standard_normal((k, d)).astype(np.float16), rng.integers(0, k, (m, n // d)))
-    weight = VQWeight(m, n, d, (group,), rng.permutation(n).astype(np.int32))
+    return vq_layout_model(rng, n, m, rows, d, [0, n], [bits])
+
+
+def vq_layout_model(rng: np.random.Generator, n: int, m: int, rows: int, d: int, bounds: list[int],
+                    bits: list[int]) -> bytes:
+    """``mgvq.VQGemm`` with the given channel groups (bounds, bits per weight), random codes and
+    codebooks, and a column permutation."""
+    groups = []
+    for (start, stop), b in zip(zip(bounds, bounds[1:]), bits):
+        k = 1 << (b * d)
+        groups.append(VQGroup(start, stop, b, rng.standard_normal((k, d)).astype(np.float16),
+                              rng.integers(0, k, (m, (stop - start) // d))))
+    weight = VQWeight(m, n, d, tuple(groups), rng.permutation(n).astype(np.int32))
     arrays = weight.stored_arrays()
     node = helper.make_node(CUSTOM_OP, ["x", "perm", "codebooks", "codes"], ["y"], domain=CUSTOM_DOMAIN,
                             **weight.node_attributes())

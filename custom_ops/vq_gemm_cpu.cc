@@ -333,6 +333,11 @@ constexpr int kTileRows = 16;             // output rows per tile call (lanes of
 constexpr int64_t kTileRowLimit = 4;      // more activation rows: the nibble kernel
 
 constexpr int kRegisterMaxCodeBits = 6;  // tables of at most 64 codewords per component
+// Groups of 8-bit codes (256 codewords: 4 bits at d = 2, as mgvq's allocation gives some groups) next
+// to narrower ones: the register path looks them up in per-position tables of 256 products, one byte
+// per code, for at most this many activation rows (beyond, the whole layer takes the LUT or decode path).
+constexpr int kByteCodeBits = 8;
+constexpr int64_t kByteGroupRowLimit = 4;
 constexpr int kRegisterTableStride = 64;
 constexpr int kRegisterMaxRows = 4;      // activation rows per call
 constexpr int64_t kRegisterRowLimit = 16;  // more activation rows: the decode path
@@ -906,7 +911,7 @@ struct VQGemmKernel {
     const Layout& L = layout_;
     if (L.segments.empty() || loops_.register_dot.fns[0][0][0] == nullptr) return -1;
     for (const Group& G : L.groups)
-      if (G.bits * L.d > kRegisterMaxCodeBits) return -1;
+      if (G.bits * L.d > kRegisterMaxCodeBits && G.bits * L.d != kByteCodeBits) return -1;
     for (int i = 0; i < 3; ++i)
       if (kRegisterDims[i] == L.d) return i;
     return -1;
@@ -914,10 +919,15 @@ struct VQGemmKernel {
 
   bool use_register(int64_t rows) const {
     if (path_ == Path::kLut || path_ == Path::kDecode || register_dim_class() < 0) return false;
+    if (path_ == Path::kRegister) return true;
+    int64_t byte_groups = 0;
+    for (const Group& G : layout_.groups) byte_groups += G.bits * layout_.d == kByteCodeBits;
+    // Layers of byte codes only are the LUT path's own case.
+    if (byte_groups > 0) return byte_groups < (int64_t)layout_.groups.size() && rows <= kByteGroupRowLimit;
     // The register path re-unpacks the codes for every 4 activation rows; on the 2-core AMD EPYC
     // (4096 x 4096, d = 2) decoding W once and a register-tiled GEMM wins past ~20 rows at 3 bits and
     // ~48 rows at 2 bits.
-    return path_ == Path::kRegister || rows <= kRegisterRowLimit;
+    return rows <= kRegisterRowLimit;
   }
 
   bool use_lut(int64_t rows) const {
@@ -1138,17 +1148,24 @@ struct VQGemmKernel {
       const RegisterDotFn* fns = nullptr;  // [rows - 1], bit-packed codes
       bool nibble = false;                 // 4-bit codes in byte-aligned rows: the nibble kernel
       bool tile = false;                   // ... and few activation rows: the tile kernel (16 output rows)
-      int64_t comp_stride = 0, x_offset = 0;
+      bool bytes = false;                  // 8-bit codes: per-position tables of 256, at byte_offset
+      int64_t comp_stride = 0, x_offset = 0, byte_offset = 0;
     };
     std::vector<float> tables(L.groups.size() * d * kRegisterTableStride, 0.f);
     std::vector<GroupPlan> plan(L.groups.size());
-    int64_t row_stride = 0;
+    int64_t row_stride = 0, byte_stride = 0;
     for (size_t g = 0; g < L.groups.size(); ++g) {
       const Group& G = L.groups[g];
+      GroupPlan& P = plan[g];
+      if (G.bits * d == kByteCodeBits) {
+        P.bytes = true;
+        P.byte_offset = byte_stride;
+        byte_stride += G.nvec * G.K;
+        continue;
+      }
       for (int64_t k = 0; k < G.K; ++k)
         for (int64_t t = 0; t < d; ++t)
           tables[(g * d + t) * kRegisterTableStride + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
-      GroupPlan& P = plan[g];
       P.fns = R.fns[dim_class][G.K <= R.class_limit[0] ? 0 : G.K <= R.class_limit[1] ? 1 : 2];
       P.nibble = R.nibble[dim_class][0][0] != nullptr && G.bits * d == 4 && G.nvec % 2 == 0;
       for (const Segment& S : L.segments)
@@ -1168,6 +1185,7 @@ struct VQGemmKernel {
       for (size_t g = 0; g < L.groups.size(); ++g) {
         const Group& G = L.groups[g];
         const GroupPlan& P = plan[g];
+        if (P.bytes) continue;
         const float* src = xp + (size_t)r * L.n + G.start;
         float* dst = xs.data() + (size_t)r * row_stride + P.x_offset;
         for (int64_t v = 0; v < G.nvec; ++v) {
@@ -1185,6 +1203,21 @@ struct VQGemmKernel {
         R.build_tile_lut(xp + (size_t)r * L.n + G.start, (int)d, (int)G.K, G.nvec,
                          tables.data() + g * d * kRegisterTableStride,
                          lut.data() + ((size_t)r * L.nvec + G.vec_offset) * 16);
+    }
+    // The byte groups' per-position tables: byte_lut[r * byte_stride + byte_offset + v * 256 + k].
+    std::vector<float> byte_lut((size_t)rows * byte_stride);
+    for (size_t g = 0; g < L.groups.size(); ++g) {
+      const Group& G = L.groups[g];
+      if (!plan[g].bytes) continue;
+      std::vector<float> cbT((size_t)G.K * d);  // transposed: cbT[t * K + k]
+      for (int64_t k = 0; k < G.K; ++k)
+        for (int64_t t = 0; t < d; ++t)
+          cbT[(size_t)t * G.K + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* out = byte_lut.data() + (size_t)r * byte_stride + plan[g].byte_offset;
+        for (int64_t v = 0; v < G.nvec; ++v)
+          loops_.build_table(xp + (size_t)r * L.n + G.start + v * d, cbT.data(), (int)G.K, (int)d, out + v * G.K);
+      }
     }
     const std::vector<float> scale_f = ScalesAsFloat(scales);
     const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
@@ -1211,6 +1244,14 @@ struct VQGemmKernel {
             const float s = scaled && S.scale_col >= 0 ? scale_f[(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
             sum[(o + k - o0) * nr + r] += s * value;
           };
+          if (P.bytes) {
+            for (int64_t o = o0; o < o_end; ++o)
+              for (int r = 0; r < nr; ++r) {
+                const float* table = byte_lut.data() + (size_t)(r0 + r) * byte_stride + P.byte_offset + local * G.K;
+                add_part(o, 0, loops_.lookup_u8(table, codes + (bit_of(o) >> 3), (int)S.count), r);
+              }
+            continue;
+          }
           if (P.tile && whole_tile) {
             const float* lut_r0 = lut.data() + ((size_t)r0 * L.nvec + S.vec_begin) * 16;
             R.tile[bd / 2 - 1][nr - 1](codes + (bit_of(o0) >> 3), G.nvec * bd / 8, S.count, lut_r0, L.nvec * 16, part);

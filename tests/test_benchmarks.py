@@ -202,3 +202,24 @@ def test_accuracy_recorded_only_reads_records_and_runs_nothing(tmp_path):
     assert accuracy._run_one(*args, 0, [], "comp", recorded_only=True) == record
     assert accuracy._run_one(*args, 1, [], "comp", recorded_only=True) is None
     assert not (tmp_path / "models").exists()
+
+
+def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
+    if ops_library is None:
+        pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
+    layers = [
+        {"name": "a", "quantized": True, "shape": [32, 64], "vector_dim": 2, "group_bounds": [0, 32, 64], "bits": [1, 4]},
+        {"name": "b", "quantized": True, "shape": [32, 64], "vector_dim": 2, "group_bounds": [0, 32, 64], "bits": [1, 4]},
+        {"name": "c", "quantized": True, "shape": [16, 64], "vector_dim": 2, "group_bounds": [0, 64], "bits": [2]},
+        {"name": "head", "quantized": False, "shape": [100, 64]},
+    ]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"layers": layers}))
+    assert [lay["out"] for lay in kernels.read_layouts(report)] == [32, 32, 16]
+    result = kernels.measure_layouts(report, 1, kernels.QUICK)
+    assert result["layers"] == 3 and result["wide_code_layers"] == 2
+    assert result["vqgemm_ms"] > result["wide_code_vqgemm_ms"] > 0 and result["fp32_ms"] > 0
+    assert result["weights_by_bits"] == pytest.approx({"1": 2048 / 5120, "2": 1024 / 5120, "4": 2048 / 5120})
+    text = "\n".join(kernels._layouts_section(result))
+    assert "3 quantized layers" in text and "1 bits 40%" in text
+    assert "Skipped: no report" in "\n".join(kernels._layouts_section({"skipped": "no report"}))

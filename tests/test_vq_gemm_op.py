@@ -163,6 +163,7 @@ def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bound
     (32, 300, 1, [0, 100, 300], [4, 2], 0, (2, 2)),
     (16, 520, 4, [0, 520], [1], 0, (1,)),
     (32, 70, 2, [0, 6, 70], [1, 2], 0, (2,)),
+    (48, 256, 2, [0, 64, 128, 192, 256], [1, 2, 3, 4], 32, (3,)),  # all four widths, 8-bit codes too
 ])
 def test_tile_kernel_equals_reference_and_the_other_kernels(session_for, m, n, d, bounds, bits, scale_group,
                                                             batch):
@@ -274,3 +275,15 @@ def test_scale_group_size_without_scales_scales_nothing(session_for, path):
     x = nonzero_normal(rng, (3, 64)).astype(np.float32)
     (y,) = session_for(model.SerializeToString(), path=path).run(None, {"x": x})
     assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_mixed_widths_with_8_bit_codes_on_the_default_path(session_for, batch):
+    # mgvq's allocation mixes 1- to 4-bit groups at d = 2: the 8-bit codes of the 4-bit groups join the
+    # register path up to 4 activation rows (per-position tables of 256), and the LUT path beyond.
+    rng = np.random.default_rng(batch)
+    weight = random_weight(rng, 40, 192, 2, [0, 48, 96, 144, 192], [4, 1, 2, 3], perm=True)
+    bias = nonzero_normal(rng, (40,)).astype(np.float32)
+    x = nonzero_normal(rng, (batch, 192)).astype(np.float32)
+    (y,) = session_for(custom_model(weight, (batch,), TensorProto.FLOAT, bias)).run(None, {"x": x})
+    assert rel_err(y, vqgemm_reference(x, weight, bias)) < 1e-5
