@@ -1057,10 +1057,7 @@ struct VQGemmKernel {
     int64_t table_floats = 0;
     for (size_t g = 0; g < L.groups.size(); ++g) {
       const Group& G = L.groups[g];
-      cbT[g].resize((size_t)G.K * d);
-      for (int64_t k = 0; k < G.K; ++k)
-        for (int64_t t = 0; t < d; ++t)
-          cbT[g][(size_t)t * G.K + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
+      cbT[g] = TransposedCodebook(G, cb16);
       table_off[g] = table_floats;
       table_floats += G.nvec * G.K;
     }
@@ -1206,19 +1203,9 @@ struct VQGemmKernel {
     }
     // The byte groups' per-position tables: byte_lut[r * byte_stride + byte_offset + v * 256 + k].
     std::vector<float> byte_lut((size_t)rows * byte_stride);
-    for (size_t g = 0; g < L.groups.size(); ++g) {
-      const Group& G = L.groups[g];
-      if (!plan[g].bytes) continue;
-      std::vector<float> cbT((size_t)G.K * d);  // transposed: cbT[t * K + k]
-      for (int64_t k = 0; k < G.K; ++k)
-        for (int64_t t = 0; t < d; ++t)
-          cbT[(size_t)t * G.K + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* out = byte_lut.data() + (size_t)r * byte_stride + plan[g].byte_offset;
-        for (int64_t v = 0; v < G.nvec; ++v)
-          loops_.build_table(xp + (size_t)r * L.n + G.start + v * d, cbT.data(), (int)G.K, (int)d, out + v * G.K);
-      }
-    }
+    for (size_t g = 0; g < L.groups.size(); ++g)
+      if (plan[g].bytes)
+        BuildGroupTables(L.groups[g], xp, rows, cb16, byte_lut.data() + plan[g].byte_offset, byte_stride);
     const std::vector<float> scale_f = ScalesAsFloat(scales);
     const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
     const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
@@ -1247,8 +1234,8 @@ struct VQGemmKernel {
           if (P.bytes) {
             for (int64_t o = o0; o < o_end; ++o)
               for (int r = 0; r < nr; ++r) {
-                const float* table = byte_lut.data() + (size_t)(r0 + r) * byte_stride + P.byte_offset + local * G.K;
-                add_part(o, 0, loops_.lookup_u8(table, codes + (bit_of(o) >> 3), (int)S.count), r);
+                const float* tables_r = byte_lut.data() + (size_t)(r0 + r) * byte_stride + P.byte_offset + local * G.K;
+                add_part(o, 0, loops_.lookup_u8(tables_r, codes + (bit_of(o) >> 3), (int)S.count), r);
               }
             continue;
           }
@@ -1277,6 +1264,28 @@ struct VQGemmKernel {
           for (int r = 0; r < nr; ++r) y[(size_t)(r0 + r) * L.m + o] = sum[(o - o0) * nr + r];
       }
     });
+  }
+
+  // The group's codebook as float32, transposed: cbT[t * K + k] = component t of codeword k.
+  std::vector<float> TransposedCodebook(const Group& G, const uint16_t* cb16) const {
+    const int64_t d = layout_.d;
+    std::vector<float> cbT((size_t)G.K * d);
+    for (int64_t k = 0; k < G.K; ++k)
+      for (int64_t t = 0; t < d; ++t)
+        cbT[(size_t)t * G.K + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
+    return cbT;
+  }
+
+  // out[r * row_stride + v * K + k] = <x_r(v), codeword k of G> for the group's vector positions v and
+  // activation rows r < rows.
+  void BuildGroupTables(const Group& G, const float* xp, int64_t rows, const uint16_t* cb16, float* out,
+                        int64_t row_stride) const {
+    const int64_t d = layout_.d;
+    const std::vector<float> cbT = TransposedCodebook(G, cb16);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t v = 0; v < G.nvec; ++v)
+        loops_.build_table(xp + (size_t)r * layout_.n + G.start + v * d, cbT.data(), (int)G.K, (int)d,
+                           out + (size_t)r * row_stride + v * G.K);
   }
 
   void RunDecode(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,
