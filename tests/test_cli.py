@@ -157,7 +157,7 @@ def test_corrupt_model_file(tmp_path, mlp, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method,bits,message", [("kmeans-vq", "5", "supports 1, 2, 3, 4"), ("rtn", "9", "1 to 8"), ("rtn", "2.5", "whole number"), ("nope", "2", "unknown method")])
+@pytest.mark.parametrize("method,bits,message", [("kmeans-vq", "9", "supports 1, 2, 3, 4, 5, 6, 7, 8"), ("rtn", "9", "1 to 8"), ("rtn", "2.5", "whole number"), ("nope", "2", "unknown method")])
 def test_bits_or_method_out_of_range(tmp_path, mlp, capsys, method, bits, message):
     assert run_cli(mlp, "--method", method, "--bits", bits, "-o", tmp_path / "out") == 2
     assert message in capsys.readouterr().err
