@@ -432,15 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         read_before = read_bandwidth_gbs(settings.bandwidth_bytes, args.threads)
         ops = run_ops(settings, args.threads, _log)
-        read_after = read_bandwidth_gbs(settings.bandwidth_bytes, args.threads)
-        reference = max(read_before, read_after)
-        models = prepare_smollm2(args.work_dir, settings.smollm2_layers, _log)
-        decode = [measure_decode(label, path, args.threads, settings) for label, path in models.items()]
+        # Right after the ops: timed after the SmolLM2 sessions, the same small ops ran ~1.5x slower.
         layouts_report = args.layouts or find_layouts_report(args.work_dir)
         if layouts_report is None:
             layouts = {"skipped": "no report.json of a SmolLM2 mgvq 2-bit compile (run make demo, or pass --layouts)"}
         else:
             layouts = measure_layouts(layouts_report, args.threads, settings, limit=12 if args.quick else None)
+        read_after = read_bandwidth_gbs(settings.bandwidth_bytes, args.threads)
+        reference = max(read_before, read_after)
+        models = prepare_smollm2(args.work_dir, settings.smollm2_layers, _log)
+        decode = [measure_decode(label, path, args.threads, settings) for label, path in models.items()]
     except MgvqError as error:
         print(f"kernels: error: {error}", file=sys.stderr)
         return 2
