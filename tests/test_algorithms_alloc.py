@@ -434,3 +434,17 @@ def test_measured_steps_are_geometric_means_of_layer_ratios() -> None:
     assert measured_steps([{1: 1.0, 2: 2.0}], (1, 2)) == (MIN_MEASURED_STEP,)
     with pytest.raises(ValueError, match="between 1 and 2 bits"):
         measured_steps([{1: float("nan"), 2: 1.0}], (1, 2))
+
+
+def test_widths_near_the_budget() -> None:
+    from mgvq_compile.algorithms.allocation import widths_near_budget
+    from mgvq_compile.errors import RecipeError
+
+    assert widths_near_budget(2.0, 8) == (1, 2, 3)
+    assert widths_near_budget(3.0, 8) == (2, 3, 4)
+    assert widths_near_budget(2.5, 8) == (2, 3)
+    assert widths_near_budget(1.0, 8) == (1, 2)
+    assert widths_near_budget(0.5, 8) == (1,)
+    assert widths_near_budget(8.0, 8) == (7, 8)
+    with pytest.raises(RecipeError, match="within one bit"):
+        widths_near_budget(10.0, 8)

@@ -133,7 +133,8 @@ def test_distortion_model_reaches_the_allocation(tmp_path):
     mlp, calib = _mlp_with_calibration(tmp_path)
 
     def bits(name, *options):
-        _out, report = _compile_mgvq(tmp_path, mlp, calib, name, "--bits", "2.5", *options)
+        _out, report = _compile_mgvq(tmp_path, mlp, calib, name, "--bits", "2.5",
+                                     "--set", "assign-bits.allowed_bits=[1,2,3,4]", *options)
         assert report["summary"]["bits_per_weight"] <= 2.5
         return [layer["bits"] for layer in report["layers"]]
 
