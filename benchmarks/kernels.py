@@ -227,6 +227,11 @@ def measure_decode(label: str, model: Path, threads: int, settings: Settings) ->
             "step_min_ms": timing.min_s * 1e3, "runs": timing.runs, "tokens_per_s": 1.0 / timing.median_s, **rss}
 
 
+# Codes up to this width run on the CPU kernel's register kernels (kRegisterMaxCodeBits in
+# custom_ops/vq_gemm_cpu.cc); wider ones use tables of 256 codewords or more.
+REGISTER_MAX_CODE_BITS = 6
+
+
 def find_layouts_report(work_dir: Path) -> Path | None:
     """The report.json of a SmolLM2 mgvq 2-bit compile: the accuracy benchmark's, else the demo's."""
     candidates = [work_dir / "accuracy" / "models" / "smollm2-mgvq-2bit-seed0" / "report.json",
@@ -259,7 +264,7 @@ def measure_layouts(report: Path, threads: int, settings: Settings, limit: int |
     for lay in layouts:
         m, n, d = lay["out"], lay["in"], lay["d"]
         rows.append({
-            **lay, "wide_codes": max(lay["bits"]) * d > 6,
+            **lay, "wide_codes": max(lay["bits"]) * d > REGISTER_MAX_CODE_BITS,
             "vqgemm_ms": timed(("vq", m, n, d, tuple(lay["bounds"]), tuple(lay["bits"])),
                                lambda rng: vq_layout_model(rng, n, m, 1, d, lay["bounds"], lay["bits"]), n),
             "uniform_ms": timed(("uniform", m, n), lambda rng: vq_model(rng, n, m, 1, 2, 2), n),

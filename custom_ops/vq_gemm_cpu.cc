@@ -831,7 +831,7 @@ Layout make_layout(const mgvq_op::Attributes& a) {
     G.nvec = a.width(g) / d;
     G.codebook_row = row;
     G.code_byte = byte;
-    G.code_nbytes = a.code_nbytes(g);
+    G.code_nbytes = a.group_code_nbytes(g);
     G.vec_offset = vec;
     row += G.K;
     byte += G.code_nbytes;
@@ -840,8 +840,8 @@ Layout make_layout(const mgvq_op::Attributes& a) {
     L.groups.push_back(G);
   }
   L.nvec = vec;
-  L.codebook_rows = row;
-  L.code_nbytes = byte;
+  L.codebook_rows = a.codebook_rows;
+  L.code_nbytes = a.code_nbytes;
   if (scale_group == 0 || scale_group % d == 0) {
     const int64_t per_block = scale_group ? scale_group / d : L.nvec;
     for (size_t g = 0; g < L.groups.size(); ++g) {

@@ -49,10 +49,10 @@ mgvq_cuda::VQGemmParams make_layout(const mgvq_op::Attributes& a) {
     G.codebook_row = row;
     G.code_byte = byte;
     row += a.codebook_size(g);
-    byte += a.code_nbytes(g);
+    byte += a.group_code_nbytes(g);
   }
-  p.codebook_rows = row;
-  p.code_nbytes = byte;
+  p.codebook_rows = a.codebook_rows;
+  p.code_nbytes = a.code_nbytes;
   return p;
 }
 

@@ -21,15 +21,17 @@ inline std::string str(int64_t v) { return std::to_string(v); }
 struct Attributes {
   int64_t n = 0, m = 0, d = 0, scale_group = 0;
   std::vector<int64_t> bounds, bits;  // group g: permuted columns [bounds[g], bounds[g + 1]) at bits[g]
+  int64_t codebook_rows = 0, code_nbytes = 0;  // totals over the groups, set by check_attributes
 
   int64_t num_groups() const { return (int64_t)bits.size(); }
   int64_t width(size_t g) const { return bounds[g + 1] - bounds[g]; }
   int64_t codebook_size(size_t g) const { return int64_t(1) << (bits[g] * d); }
-  int64_t code_nbytes(size_t g) const { return (m * (width(g) / d) * bits[g] * d + 7) / 8; }  // starts on a byte
+  int64_t group_code_nbytes(size_t g) const { return (m * (width(g) / d) * bits[g] * d + 7) / 8; }  // whole bytes
 };
 
 inline Attributes check_attributes(Attributes a) {
-  if (a.n <= 0 || a.m <= 0 || a.d <= 0) throw std::runtime_error("in_features, out_features and vector_dim must be > 0");
+  if (a.n <= 0 || a.m <= 0 || a.d <= 0)
+    throw std::runtime_error("in_features, out_features and vector_dim must be > 0");
   if (a.bounds.size() != a.bits.size() + 1 || a.bits.empty())
     throw std::runtime_error("group_bounds must have one more entry than group_bits");
   if (a.bounds.front() != 0 || a.bounds.back() != a.n)
@@ -41,6 +43,11 @@ inline Attributes check_attributes(Attributes a) {
       throw std::runtime_error("group " + str(g) + " width is not a positive multiple of vector_dim");
     if (a.bits[g] < 1 || a.bits[g] * a.d > 16)
       throw std::runtime_error("group " + str(g) + ": bits * vector_dim must be in 1..16");
+  }
+  a.codebook_rows = a.code_nbytes = 0;
+  for (size_t g = 0; g < a.bits.size(); ++g) {
+    a.codebook_rows += a.codebook_size(g);
+    a.code_nbytes += a.group_code_nbytes(g);
   }
   return a;
 }
@@ -97,13 +104,8 @@ inline Inputs read_inputs(Ort::KernelContext& ctx, const Attributes& a) {
     if (info.GetElementType() != type) throw std::runtime_error(std::string(what) + " has the wrong element type");
     if (info.GetShape() != shape) throw std::runtime_error(std::string(what) + " has the wrong shape");
   };
-  int64_t codebook_rows = 0, code_nbytes = 0;
-  for (size_t g = 0; g < a.bits.size(); ++g) {
-    codebook_rows += a.codebook_size(g);
-    code_nbytes += a.code_nbytes(g);
-  }
-  check(in.codebooks, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {codebook_rows, a.d}, "codebooks");
-  check(in.codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {code_nbytes}, "codes");
+  check(in.codebooks, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, {a.codebook_rows, a.d}, "codebooks");
+  check(in.codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {a.code_nbytes}, "codes");
   if (in.perm) check(in.perm, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {a.n}, "perm");
   if (in.scales) {
     if (a.scale_group == 0) throw std::runtime_error("scales given but scale_group_size is 0");
