@@ -63,19 +63,23 @@ class ModelSetup:
     primary: str  # the metric the table leads with
 
 
-def _smollm2(work: Path, seed: int, s: Settings) -> ModelSetup:
+def _novel_suffix(novel: str) -> str:
+    return "" if novel == CALIBRATION_NOVEL else f"-{novel}"
+
+
+def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import read_novel, write_text_calibration
     from mgvq_compile.evaluate import perplexity_ort
     from mgvq_compile.models.smollm2 import export_causal_lm_onnx, load_smollm2
 
     fp_path = work / f"smollm2-fp32-seq{s.seq_len}" / "model.onnx"
-    calib_dir = work / f"smollm2-calib-{s.calib_windows}x{s.seq_len}-seed{seed}"
+    calib_dir = work / f"smollm2-calib-{s.calib_windows}x{s.seq_len}-seed{seed}{_novel_suffix(calib_novel)}"
     model, tokenizer = load_smollm2()
     if not fp_path.exists():
         fp_path.parent.mkdir(parents=True, exist_ok=True)
         export_causal_lm_onnx(model, fp_path, seq_len=s.seq_len)
     if not calib_dir.exists():
-        write_text_calibration(calib_dir, tokenizer, read_novel(CALIBRATION_NOVEL), seq_len=s.seq_len,
+        write_text_calibration(calib_dir, tokenizer, read_novel(calib_novel), seq_len=s.seq_len,
                                n_samples=s.calib_windows, seed=seed)
     text = read_novel(EVALUATION_NOVEL)
 
@@ -85,19 +89,19 @@ def _smollm2(work: Path, seed: int, s: Settings) -> ModelSetup:
     return ModelSetup(fp_path, calib_dir, evaluate, "perplexity")
 
 
-def _whisper(work: Path, seed: int, s: Settings) -> ModelSetup:
+def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import novel_sentences, read_novel, write_speech_calibration
     from mgvq_compile.evaluate import whisper_eval_ort
     from mgvq_compile.models.whisper_ct2 import export_whisper_onnx, load_whisper_tiny_en, whisper_feature_extractor
 
     fp_path = work / f"whisper-fp32-dec{s.whisper_decoder_len}" / "model.onnx"
-    calib_dir = work / f"whisper-calib-{s.whisper_calib_sentences}-seed{seed}"
+    calib_dir = work / f"whisper-calib-{s.whisper_calib_sentences}-seed{seed}{_novel_suffix(calib_novel)}"
     model, tokenizer = load_whisper_tiny_en()
     if not fp_path.exists():
         fp_path.parent.mkdir(parents=True, exist_ok=True)
         export_whisper_onnx(model, fp_path, decoder_len=s.whisper_decoder_len)
     if not calib_dir.exists():
-        sentences = novel_sentences(read_novel(CALIBRATION_NOVEL), s.whisper_calib_sentences, seed=seed)
+        sentences = novel_sentences(read_novel(calib_novel), s.whisper_calib_sentences, seed=seed)
         write_speech_calibration(calib_dir, whisper_feature_extractor(), tokenizer, sentences,
                                  decoder_len=s.whisper_decoder_len)
     references = novel_sentences(read_novel(EVALUATION_NOVEL), s.whisper_eval_sentences, seed=1234)

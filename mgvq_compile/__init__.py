@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compile"]
+__all__ = ["__version__", "collect_statistics", "compile"]
 
 
 def compile(*args, **kwargs):  # noqa: A001 - the product's public name
@@ -14,3 +14,10 @@ def compile(*args, **kwargs):  # noqa: A001 - the product's public name
     return _compile(*args, **kwargs)
 
 
+
+
+def collect_statistics(*args, **kwargs):
+    """See :func:`mgvq_compile.api.collect_statistics`."""
+    from mgvq_compile.api import collect_statistics as _collect_statistics
+
+    return _collect_statistics(*args, **kwargs)

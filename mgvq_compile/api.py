@@ -23,7 +23,7 @@ from mgvq_compile.recipes import Recipe, builtin_recipe
 from mgvq_compile.plots import require_matplotlib, write_plots
 from mgvq_compile.report import build_report
 
-__all__ = ["DEFAULT_METHOD", "CompileResult", "compile", "default_work_dir"]
+__all__ = ["DEFAULT_METHOD", "CompileResult", "collect_statistics", "compile", "default_work_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,52 @@ def _calibration_fingerprint(feeds: Sequence[Mapping[str, np.ndarray]] | None) -
     return digest.hexdigest()[:16]
 
 
+def _load_inputs(model, example_inputs, calib, method, bits, recipe, labels, portable, options):
+    """The graphs, calibration feeds and recipe of a compile, each checked."""
+    from mgvq_compile.recipes import load_recipe
+
+    if labels not in ("data", "model"):
+        raise InputError(f"labels must be 'data' or 'model', got {labels!r}")
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load_recipe(recipe)
+    graphs = _as_graphs(model, example_inputs)
+    feeds = _load_calibration(calib)
+    if recipe is None:
+        recipe = builtin_recipe(method, bits=bits, calibrated=feeds is not None, portable=portable)
+    elif portable:
+        recipe = recipe.with_options({"fuse-vq-gemm.form": "decomposed"})
+    if options:
+        recipe = recipe.with_options(options)
+    if recipe.needs_calibration and feeds is None:
+        raise CalibrationError(
+            f"recipe {recipe.method!r} collects calibration statistics but no calibration data was given",
+            "pass --calib DIR (a directory of .npz feeds)",
+        )
+    if feeds is not None:
+        _check_feeds(graphs, feeds, calib if isinstance(calib, (str, os.PathLike)) else "the calibration set")
+    return graphs, feeds, recipe
+
+
+def _new_context(graphs, feeds, seed, labels, logits_name, device, progress, work_dir, resume):
+    """The compile context, its cache key and its artifact directory (None without ``resume``)."""
+    layers = [layer for name, g in graphs.items() for layer in find_linear_layers(g, name)]
+    if not layers:
+        raise InputError("the model has no MatMul/Gemm with a 2-D weight initializer to quantize")
+    modalities: dict[str, str] = {}
+    for name, g in graphs.items():
+        modalities.update(tag_modalities(g, [layer for layer in layers if layer.graph == name]))
+    options = CompileOptions(
+        seed=seed, labels=labels, logits_name=logits_name, device=device,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    ctx = CompileContext(graphs, layers, modalities, options, calibration=feeds)
+    root_key = hashlib.sha256(
+        f"{model_fingerprint(graphs)}|{_calibration_fingerprint(feeds)}|{seed}|{labels}|{logits_name}".encode()
+    ).hexdigest()
+    run_dir = (Path(work_dir) if work_dir else default_work_dir()) / root_key[:16] if resume else None
+    return ctx, root_key, run_dir
+
+
 def compile(
     model: Any,
     *,
@@ -144,47 +190,14 @@ def compile(
     as ``mgvq.VQGemm`` nodes (open it with ``mgvq_compile.runtime.create_session``); ``portable=True``
     writes standard ONNX ops instead, which stock ORT runs (slower, and dense in memory once loaded).
     """
-    from mgvq_compile.recipes import load_recipe
-
     output = Path(output)
     check_output_dir(output, overwrite)
     if plots:
         require_matplotlib()
-    if labels not in ("data", "model"):
-        raise InputError(f"labels must be 'data' or 'model', got {labels!r}")
-    if isinstance(recipe, (str, os.PathLike)):
-        recipe = load_recipe(recipe)
-    graphs = _as_graphs(model, example_inputs)
-    feeds = _load_calibration(calib)
-    if recipe is None:
-        recipe = builtin_recipe(method, bits=bits, calibrated=feeds is not None, portable=portable)
-    elif portable:
-        recipe = recipe.with_options({"fuse-vq-gemm.form": "decomposed"})
-    if options:
-        recipe = recipe.with_options(options)
-    if recipe.needs_calibration and feeds is None:
-        raise CalibrationError(
-            f"recipe {recipe.method!r} collects calibration statistics but no calibration data was given",
-            "pass --calib DIR (a directory of .npz feeds)",
-        )
-    if feeds is not None:
-        _check_feeds(graphs, feeds, calib if isinstance(calib, (str, os.PathLike)) else "the calibration set")
-    layers = [layer for name, g in graphs.items() for layer in find_linear_layers(g, name)]
-    if not layers:
-        raise InputError("the model has no MatMul/Gemm with a 2-D weight initializer to quantize")
-    modalities: dict[str, str] = {}
-    for name, g in graphs.items():
-        modalities.update(tag_modalities(g, [layer for layer in layers if layer.graph == name]))
-    options = CompileOptions(
-        seed=seed, labels=labels, logits_name=logits_name, device=device,
-        progress=sys.stderr.isatty() if progress is None else progress,
-    )
-    ctx = CompileContext(graphs, layers, modalities, options, calibration=feeds)
-    root_key = hashlib.sha256(
-        f"{model_fingerprint(graphs)}|{_calibration_fingerprint(feeds)}|{seed}|{labels}|{logits_name}".encode()
-    ).hexdigest()
-    run_dir = (Path(work_dir) if work_dir else default_work_dir()) / root_key[:16] if resume else None
-    manager = PassManager(list(recipe.passes), work_dir=run_dir, progress=options.progress)
+    graphs, feeds, recipe = _load_inputs(model, example_inputs, calib, method, bits, recipe, labels, portable, options)
+    ctx, root_key, run_dir = _new_context(graphs, feeds, seed, labels, logits_name, device, progress, work_dir, resume)
+    layers = ctx.layers
+    manager = PassManager(list(recipe.passes), work_dir=run_dir, progress=ctx.options.progress)
     logger.info("compiling %d layers with recipe %r (work dir %s)", len(layers), recipe.method, run_dir)
     # The original weights are needed for the report after the graph is rewritten.
     dense_weights = {layer.key: weight_matrix(graphs[layer.graph], layer) for layer in layers}
@@ -213,3 +226,33 @@ def compile(
 
     write_output_dir(output, graphs, write_extras, overwrite=overwrite)
     return CompileResult(output, report_box["report"], recipe, graphs)
+
+
+def collect_statistics(
+    model: Any,
+    *,
+    calib: Any,
+    method: str = "mgvq",
+    bits: float = 2.0,
+    seed: int = 0,
+    example_inputs: Mapping[str, Any] | None = None,
+    labels: str = "data",
+    logits_name: str = "logits",
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    device: str = "cpu",
+    progress: bool | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The calibration statistics ``method``'s recipe collects (layer key -> ``LayerStatistics``).
+
+    Runs the recipe only up to its statistics pass. With the same model, calibration data, seed and
+    options as a compile, it shares that compile's cache entry, so it reloads instead of recomputing.
+    """
+    graphs, feeds, recipe = _load_inputs(model, example_inputs, calib, method, bits, None, labels, False, options)
+    if not recipe.needs_calibration:
+        raise RecipeError(f"method {method!r} collects no calibration statistics", "use a calibrated method, e.g. mgvq")
+    end = next(index for index, p in enumerate(recipe.passes) if "stats" in p.provides)
+    ctx, root_key, run_dir = _new_context(graphs, feeds, seed, labels, logits_name, device, progress, work_dir, resume)
+    PassManager(list(recipe.passes[: end + 1]), work_dir=run_dir, progress=ctx.options.progress).run(ctx, root_key)
+    return ctx.artifacts["stats"]

@@ -40,6 +40,11 @@ class CompensateConfig(PassConfig):
     # 21.0k / 21.1k / 25.5k / 347k at d = 4 and 2.9k vs 8.0k (lam 0.05) at d = 2; the method page's 0.05 hurt.
     lam: float = 0.0
     damp_rel: float = 0.01
+    # The relative damping d of the Newton direction (H_O + dI)^-1 G (H_I + dI)^-1; large values turn it
+    # into G itself. The calibration gradient's low-curvature part is noise that the inverses amplify:
+    # on held-out text the direction keeps 10-16 % of its first-order gain at 0.01 and about 50 % as G
+    # (Whisper tiny.en, benchmarks/gradient.py).
+    newton_damp_rel: float = 0.01
     two_sided: bool = False  # BlockLDLQ under H_O (x) H_I (a slow reference loop over rows)
     block_metric: bool = True  # nearest codeword in the metric of each block's LDL pivot, not Euclidean
     # After rounding, re-solve each (layer, group) codebook for the fixed codes under the full H_I
@@ -54,6 +59,9 @@ class CompensateConfig(PassConfig):
     def __post_init__(self) -> None:
         if self.lam < 0:
             raise RecipeError(f"compensate lam must be >= 0, got {self.lam}")
+        if self.newton_damp_rel <= 0:
+            raise RecipeError(f"compensate newton_damp_rel must be > 0, got {self.newton_damp_rel}",
+                              "pass a relative damping such as 0.01 (large values move along G itself)")
         if self.refine_rounds < 1:
             raise RecipeError(f"compensate refine_rounds must be >= 1, got {self.refine_rounds}",
                               "set compensate.refine_codebooks=false to skip refinement")
@@ -80,7 +88,7 @@ def compensate_layer(weight: np.ndarray, plan: LayerAllocation, books: list[np.n
     w = torch.from_numpy(weight).to(torch.float64)
     extra: dict = {"codebook_scope": scope}
     if cfg.lam > 0 and layer_stats.gradient is not None:
-        step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.damp_rel)
+        step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.newton_damp_rel)
         # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw
         # formula would move the weights (reported, so the trust radius can be judged).
         extra["newton_step_relative_norm"] = (

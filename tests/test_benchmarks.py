@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import accuracy  # noqa: E402
 import distortion  # noqa: E402
+import gradient  # noqa: E402
 import kernels  # noqa: E402
 import opbench  # noqa: E402
 
@@ -192,6 +193,27 @@ def test_distortion_step_ratios_are_per_layer_loss_ratios():
     (row,) = distortion.step_ratios({1: low, 2: {"a": 0.1, "b": 0.1}})
     assert (row["from_bits"], row["to_bits"], row["layers"]) == (1, 2, 2)
     assert row["geometric_mean"] == pytest.approx(4.0) and row["median"] == pytest.approx(5.0)
+
+
+def test_gradient_rows_summary_and_table():
+    import torch
+
+    def layer(g):
+        g = torch.tensor(g)
+        return {"gradient": g, "tokens": 10, "signal_ratio": 2.0, "steps": {gradient.GRADIENT: g}}
+
+    sets = {"seed 0": {"encoder.fc": layer([[1.0, 0.0]])}, "seed 1": {"encoder.fc": layer([[1.0, 1.0]])},
+            gradient.HELDOUT: {"encoder.fc": layer([[-1.0, 0.0]])}}
+    (row,) = gradient.layer_rows(sets)
+    assert row["part"] == "encoder"
+    assert row["cosine_between_seeds"] == pytest.approx(2 ** -0.5)
+    # seed 0's direction keeps all of its gain on seed 1, seed 1's keeps half on seed 0; both reverse on held-out.
+    assert row["transfer_between_seeds"][gradient.GRADIENT] == pytest.approx(0.75)
+    assert row["transfer_heldout"][gradient.GRADIENT] == pytest.approx((-1.0 - 0.5) / 2)
+    (summary,) = gradient.summarize("m", [row])
+    assert summary["layers_with_heldout_descent"] == {gradient.GRADIENT: 0}
+    table = gradient.markdown("cmd", [summary])
+    assert "| m | encoder | 1 | 2.00 (2.00 to 2.00)" in table and "| 0/1 |" in table
 
 
 def test_accuracy_recorded_only_reads_records_and_runs_nothing(tmp_path):

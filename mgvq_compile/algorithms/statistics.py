@@ -14,7 +14,10 @@ import dataclasses
 
 import torch
 
-__all__ = ["LayerStatistics", "new_statistics", "accumulate", "proxy_loss", "kronecker_scale", "restrict_rows"]
+__all__ = [
+    "LayerStatistics", "new_statistics", "accumulate", "proxy_loss", "kronecker_scale", "restrict_rows",
+    "gradient_signal_ratio", "gradient_cosine", "first_order_transfer",
+]
 
 
 @dataclasses.dataclass
@@ -122,3 +125,35 @@ def kronecker_scale(stats: LayerStatistics) -> float:
     h_o_trace = h_o.diagonal().sum() if h_o.dim() == 2 else h_o.sum()  # H_O may be kept as its diagonal
     factors_trace = float(torch.trace(h_i)) * float(h_o_trace)
     return stats.fisher_trace / factors_trace if factors_trace > 0.0 else 1.0
+
+
+def gradient_signal_ratio(stats: LayerStatistics) -> float:
+    """|G|_F^2 / tr(F) with G = sum_t g_t x_t^T and tr(F) = sum_t |g_t|^2 |x_t|^2.
+
+    If the per-token terms g_t x_t^T were independent with mean zero (the gradient is noise), the
+    expected |G|^2 equals tr(F), so the ratio is about 1; tokens that agree on a direction push it
+    towards T. Tokens of one sequence are correlated, so read values of a few as noise too.
+    """
+    if stats.gradient is None or stats.fisher_trace <= 0.0:
+        return float("nan")
+    g = stats.gradient.to(torch.float64)
+    return float((g * g).sum()) / stats.fisher_trace
+
+
+def gradient_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<A, B> / (|A|_F |B|_F): whether two calibration sets' gradients point the same way."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    norms = float(a64.norm() * b64.norm())
+    return float((a64 * b64).sum()) / norms if norms > 0.0 else float("nan")
+
+
+def first_order_transfer(step: torch.Tensor, gradient: torch.Tensor, tokens: int,
+                         heldout_gradient: torch.Tensor, heldout_tokens: int) -> float:
+    """<G_h / T_h, step> / <G / T, step>: of the first-order loss decrease per token that moving the
+    weights along -step promises on the calibration set (G from T tokens), the share that another set
+    (G_h from T_h tokens) sees. 1: the gradient generalises; about 0: it is the calibration set's noise;
+    below 0: the move raises the other set's loss."""
+    s64 = step.to(torch.float64)
+    own = float((gradient.to(torch.float64) * s64).sum()) / tokens
+    other = float((heldout_gradient.to(torch.float64) * s64).sum()) / heldout_tokens
+    return other / own if own != 0.0 else float("nan")
