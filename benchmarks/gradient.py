@@ -1,4 +1,4 @@
-"""Is the calibration gradient a signal the compile can use? The statistics behind mgvq's lam = 0.
+"""Is the calibration gradient a signal the compile can use? The statistics behind mgvq's short lam.
 
     python benchmarks/gradient.py [--models smollm2 whisper] [--seeds 0 1 2] [--work DIR]
 
@@ -24,10 +24,10 @@ import itertools
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import accuracy
 from mgvq_compile.algorithms.gptq import newton_step
@@ -46,15 +46,16 @@ def direction_name(damp_rel: float) -> str:
     return f"Newton, damping {damp_rel:g}"
 
 
-def read_gradients(setup: accuracy.ModelSetup, seed: int, damps: list[float]) -> dict[str, dict]:
+def read_gradients(setup: accuracy.ModelSetup, seed: int, damps: Sequence[float]) -> dict[str, dict]:
     """Per layer: G, its token count, its signal ratio and the move directions: mgvq's damped Newton
-    step (H_O + dI)^-1 G (H_I + dI)^-1 per relative damping, and G itself (infinite damping)."""
+    step (H_O + dI)^-1 G (H_I + dI)^-1 per relative damping in ``damps``, and G itself (infinite damping)."""
     stats = collect_statistics(setup.fp_path, calib=setup.calib_dir, method="mgvq", seed=seed, progress=False)
     out = {}
     for key, layer in stats.items():
-        h_in = layer.h_i if layer.h_i is not None else layer.h_x
-        steps = {direction_name(damp): newton_step(layer.gradient, h_in, layer.h_o, damp_rel=damp).to(torch.float32)
-                 for damp in damps}
+        steps = {
+            direction_name(damp): newton_step(layer.gradient, layer.input_hessian, layer.h_o, damp_rel=damp).float()
+            for damp in damps
+        }
         steps[GRADIENT] = layer.gradient
         out[key] = {"gradient": layer.gradient, "tokens": layer.tokens,
                     "signal_ratio": gradient_signal_ratio(layer), "steps": steps}
@@ -64,10 +65,10 @@ def read_gradients(setup: accuracy.ModelSetup, seed: int, damps: list[float]) ->
 def layer_rows(sets: dict[str, dict[str, dict]]) -> list[dict]:
     """One row per layer: the statistics over calibration seeds and against the held-out set."""
     seeds = [name for name in sets if name != HELDOUT]
+    pairs = list(itertools.permutations(seeds, 2))
     rows = []
     for key in sets[seeds[0]]:
         of = {name: sets[name][key] for name in sets}
-        pairs = list(itertools.permutations(seeds, 2))
         transfer = lambda a, b, direction: first_order_transfer(  # noqa: E731
             of[a]["steps"][direction], of[a]["gradient"], of[a]["tokens"], of[b]["gradient"], of[b]["tokens"])
         directions = list(of[seeds[0]]["steps"])
@@ -126,7 +127,7 @@ def markdown(command: str, summaries: list[dict]) -> str:
         lines.append(f"| {s['model']} | {s['part']} | {s['layers']} | " + " | ".join(_cell(s[c]) for c in COLUMNS) + " |")
     lines += ["", "Transfer: of the first-order loss decrease per token that a calibration set's move direction "
               "promises on its own tokens, the share another set sees (1 = generalises, 0 = noise). mgvq's "
-              "compensate uses the Newton direction at damping 0.01 (its `damp_rel`). Descent: layers whose "
+              "compensate uses the Newton direction at damping 0.01 (its `newton_damp_rel`). Descent: layers whose "
               "held-out transfer is above 0.", "",
               "| model | part | direction | transfer, seeds | transfer, held-out | descent |", "|---|---|---|---|---|---|"]
     for s in summaries:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             sets[f"seed {seed}"] = read_gradients(accuracy.MODELS[model](args.work, seed, settings), seed, args.damp_rel)
         heldout = accuracy.MODELS[model](args.work, args.seeds[0], settings, calib_novel=accuracy.EVALUATION_NOVEL)
-        sets[HELDOUT] = read_gradients(heldout, args.seeds[0], args.damp_rel)
+        sets[HELDOUT] = read_gradients(heldout, args.seeds[0], damps=())  # only its G is compared
         layers[model] = layer_rows(sets)
         summaries += summarize(model, layers[model])
         del sets

@@ -14,8 +14,6 @@ def compile(*args, **kwargs):  # noqa: A001 - the product's public name
     return _compile(*args, **kwargs)
 
 
-
-
 def collect_statistics(*args, **kwargs):
     """See :func:`mgvq_compile.api.collect_statistics`."""
     from mgvq_compile.api import collect_statistics as _collect_statistics

@@ -249,7 +249,8 @@ def collect_statistics(
     Runs the recipe only up to its statistics pass. With the same model, calibration data, seed and
     options as a compile, it shares that compile's cache entry, so it reloads instead of recomputing.
     """
-    graphs, feeds, recipe = _load_inputs(model, example_inputs, calib, method, bits, None, labels, False, options)
+    graphs, feeds, recipe = _load_inputs(model, example_inputs, calib, method, bits, recipe=None, labels=labels,
+                                         portable=False, options=options)
     if not recipe.needs_calibration:
         raise RecipeError(f"method {method!r} collects no calibration statistics", "use a calibrated method, e.g. mgvq")
     end = next(index for index, p in enumerate(recipe.passes) if "stats" in p.provides)

@@ -126,7 +126,7 @@ class AssignBits(Pass):
                 continue
             w = torch.from_numpy(weight_matrix(ctx.models[layer.graph], layer))
             layer_stats = stats[layer.key]
-            h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
+            h = layer_stats.input_hessian
             h_o = layer_stats.h_o if layer_stats.h_o is not None else torch.ones(m)
             scores = local_sensitivity(w, h)
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)

@@ -86,7 +86,7 @@ def compensate_layer(weight: np.ndarray, plan: LayerAllocation, books: list[np.n
     refined, for per-layer scope); returns the quantized layer and its report metrics."""
     d = plan.vector_dim
     m, n = weight.shape
-    h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
+    h = layer_stats.input_hessian
     w = torch.from_numpy(weight).to(torch.float64)
     extra: dict = {"codebook_scope": scope}
     if cfg.lam > 0 and layer_stats.gradient is not None:

@@ -50,7 +50,7 @@ def group_vectors(weight: np.ndarray, plan: LayerAllocation, layer_stats: LayerS
     """(bits, vectors [N, d], weights [N, d]) of each channel group of a layer (float32 m x n) and its plan."""
     d, m = plan.vector_dim, weight.shape[0]
     w = torch.from_numpy(weight)[:, plan.perm]
-    h = layer_stats.h_i if layer_stats.h_i is not None else layer_stats.h_x
+    h = layer_stats.input_hessian
     h_o = layer_stats.h_o
     h_o_diag = None if h_o is None else (torch.diagonal(h_o) if h_o.dim() == 2 else h_o)
     diag = torch.diagonal(h)[plan.perm]

@@ -39,6 +39,12 @@ class LayerStatistics:
         return self.h_i_sum / self.importance_total
 
     @property
+    def input_hessian(self) -> torch.Tensor:
+        """The metric rounding minimises: H_I when gradients were collected, else H_X."""
+        h_i = self.h_i
+        return h_i if h_i is not None else self.h_x
+
+    @property
     def h_o(self) -> torch.Tensor | None:
         if self.h_o_sum is None or self.input_sq_total <= 0.0:
             return None
