@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py [--models smollm2 whisper] [--methods ...] [--bits 2 3] [--seeds 0 1 2]
                                   [--set PASS.OPTION=VALUE ...] [--tag NAME] [--work DIR] [--recorded-only]
+                                  [--reuse TAG[:METHOD|:FROM=TO] ...]
 
 - SmolLM2-135M: calibrate on windows of Pride and Prejudice, perplexity on Sense and Sensibility (ORT).
 - Whisper tiny.en: calibrate on espeak-ng speech of Pride and Prejudice sentences; WER and teacher-forced
@@ -142,12 +143,49 @@ def _compile(setup: ModelSetup, out: Path, method: str, bits: float, seed: int, 
     }
 
 
+def run_key(model: str, method: str, bits: float, seed: int, tag: str) -> str:
+    """The name of a run's record (under --work/runs) and model directory."""
+    return f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
+
+
+def _parse_reuse(source: str) -> tuple[str, str | None, str | None]:
+    """``TAG``, ``TAG:METHOD`` or ``TAG:FROM=TO`` -> (tag, FROM, TO); see ``--reuse``."""
+    tag, _, mapping = source.partition(":")
+    from_method, equals, to_method = mapping.partition("=")
+    to_method = to_method if equals else from_method
+    if not tag or (mapping and not (from_method and to_method)):
+        raise SystemExit(f"--reuse {source!r}: write TAG, TAG:METHOD or TAG:FROM_METHOD=TO_METHOD "
+                         "(e.g. bits234:mgvq=mgvq-no-grad)")
+    if not (RESULTS / f"accuracy-{tag}.json").is_file():
+        raise SystemExit(f"--reuse {source!r}: no {RESULTS / f'accuracy-{tag}.json'}; name a tag whose results are committed")
+    return tag, from_method or None, to_method or None
+
+
+def reused_record(sources: list[str], model: str, method: str, bits: float, seed: int) -> dict | None:
+    """The first committed record of the ``--reuse`` sources that stands for this run, marked ``reused_from``."""
+    for source in sources:
+        tag, from_method, to_method = _parse_reuse(source)
+        if to_method is not None and to_method != method:
+            continue
+        wanted = (model, from_method or method, bits, seed)
+        runs = json.loads((RESULTS / f"accuracy-{tag}.json").read_text())["runs"]
+        for run in runs:
+            if (run["model"], run["method"], run["bits"], run["seed"]) == wanted:
+                return {**run, "method": method, "reused_from": f"--tag {tag}, method {wanted[1]}"}
+    return None
+
+
 def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
-             options: list[str], tag: str, recorded_only: bool = False) -> dict | None:
-    key = f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
+             options: list[str], tag: str, recorded_only: bool = False, reuse: list[str] = ()) -> dict | None:
+    key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
+    reused = reused_record(list(reuse), model, method, bits, seed)
+    if reused is not None:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(reused, indent=1))
+        return reused
     if recorded_only:
         return None
     out = work / "models" / key
@@ -174,7 +212,7 @@ def _cold_compile(work: Path, setup: ModelSetup, model: str, method: str, bits: 
                   options: list[str], tag: str) -> dict:
     """``method`` compiled again with an empty artifact cache: the time a fresh user waits, calibration
     statistics included; its files must equal the cached run's byte for byte (determinism)."""
-    key = f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
+    key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}-cold.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -288,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "accuracy")
     parser.add_argument("--recorded-only", action="store_true",
                         help="tabulate the runs already recorded under --work and run nothing new")
+    parser.add_argument("--reuse", action="append", default=[], metavar="TAG[:METHOD|:FROM=TO]",
+                        help="take a run missing from --work from the committed benchmarks/results/accuracy-TAG.json "
+                             "instead of computing it (marked reused_from); :METHOD takes only that method's runs, "
+                             ":FROM=TO lets that file's method FROM stand for method TO. Only for runs of the identical "
+                             "configuration; repeatable, first match wins")
     args = parser.parse_args(argv)
+    for source in args.reuse:
+        _parse_reuse(source)
     settings = Settings()
     args.work.mkdir(parents=True, exist_ok=True)
     records, cold = [], []
@@ -303,14 +348,17 @@ def main(argv: list[str] | None = None) -> int:
                     if args.vector_dim and method in VQ_METHODS:
                         options.append(f"*.vector_dim={args.vector_dim}")
                     record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag,
-                                      args.recorded_only)
+                                      args.recorded_only, args.reuse)
                     if record is None:
                         continue
                     records.append(record)
                     shown = {k: record[k] for k in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s")
                              if k in record}
                     print(f"{model} {method} {bits:g}-bit seed {seed}: {shown}", flush=True)
-        if args.cold in args.methods and not args.recorded_only:
+        cold_path = args.work / "runs" / f"{run_key(model, args.cold, args.bits[0], args.seeds[0], args.tag)}-cold.json"
+        if args.cold in args.methods and args.recorded_only and cold_path.exists():
+            cold.append(json.loads(cold_path.read_text()))
+        elif args.cold in args.methods and not args.recorded_only:
             bits, seed = args.bits[0], args.seeds[0]
             options = next(r["options"] for r in records if (r["model"], r["method"], r["bits"], r["seed"]) == (model, args.cold, bits, seed))
             cold.append(_cold_compile(args.work, MODELS[model](args.work, seed, settings), model, args.cold, bits, seed,

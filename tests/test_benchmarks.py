@@ -226,6 +226,26 @@ def test_accuracy_recorded_only_reads_records_and_runs_nothing(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_accuracy_reuse_takes_a_committed_record_marked_and_maps_methods(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    committed = {"model": "whisper", "method": "mgvq", "bits": 3.0, "seed": 1, "nll": 1.5}
+    (tmp_path / "results" / "accuracy-old.json").write_text(json.dumps({"runs": [committed]}))
+    args = (tmp_path / "work", None, "whisper")  # no setup: a compile would fail
+    record = accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", reuse=["old:mgvq=mgvq-no-grad"])
+    assert record == {**committed, "method": "mgvq-no-grad", "reused_from": "--tag old, method mgvq"}
+    # Recorded under --work from then on, so a later --recorded-only table has it.
+    assert accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", recorded_only=True) == record
+    # A mapping applies to its target method only; other seeds, bits or methods are not taken.
+    assert accuracy._run_one(*args, "mgvq", 3.0, 1, [], "new", recorded_only=True, reuse=["old:mgvq=mgvq-no-grad"]) is None
+    assert accuracy._run_one(*args, "mgvq", 3.0, 2, [], "new", recorded_only=True, reuse=["old"]) is None
+    assert accuracy._run_one(*args, "mgvq", 3.0, 1, [], "new", recorded_only=True, reuse=["old:gptvq"]) is None
+    assert accuracy._run_one(*args, "mgvq", 3.0, 1, [], "new", recorded_only=True, reuse=["old:mgvq"])["nll"] == 1.5
+    for bad in ("missing", "old:mgvq=", ":mgvq=mgvq"):
+        with pytest.raises(SystemExit, match="--reuse"):
+            accuracy.reused_record([bad], "whisper", "mgvq", 3.0, 1)
+
+
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
     if ops_library is None:
         pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
