@@ -25,6 +25,7 @@ __all__ = [
     "tag_modalities",
     "model_fingerprint",
     "weight_matrix",
+    "with_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,19 @@ def weight_matrix(model: ir.Model, layer: LinearLayer) -> np.ndarray:
     """W (float32, m x n) of a layer, whatever the layout of its initializer."""
     array = model.graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
     return array if layer.weight_is_transposed else np.ascontiguousarray(array.T)
+
+
+def with_weights(model: ir.Model, weights: dict[str, np.ndarray], layers: Iterable[LinearLayer]) -> ir.Model:
+    """A copy of ``model`` whose layers named in ``weights`` (layer key -> W, m x n) hold those weights, in
+    their initializers' layout and dtype; every other initializer is shared with ``model``, not copied."""
+    copy = model.clone()
+    for layer in layers:
+        if layer.key not in weights:
+            continue
+        value = copy.graph.initializers[layer.weight]
+        array = weights[layer.key] if layer.weight_is_transposed else weights[layer.key].T
+        value.const_value = ir.tensor(np.ascontiguousarray(array).astype(value.const_value.numpy().dtype), name=layer.weight)
+    return copy
 
 
 def input_modalities(model: ir.Model) -> dict[str, str]:

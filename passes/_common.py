@@ -41,8 +41,10 @@ def quantize_layers(
     ctx: CompileContext,
     desc: str,
     quantize: Callable[[np.ndarray, LinearLayer], VQWeight | tuple[VQWeight, dict] | None],
+    layers: list[LinearLayer] | None = None,
 ) -> tuple[dict[str, VQWeight], dict[str, dict]]:
-    """Apply ``quantize`` to every layer's W (float32 m x n), with per-layer resume and metrics.
+    """Apply ``quantize`` to every layer's W (float32 m x n) (or to ``layers`` only), with per-layer
+    resume and metrics.
 
     ``quantize`` returns None for a layer it cannot handle; that layer stays dense and is reported.
     It may return ``(weight, extra_metrics)`` to add its own per-layer numbers to the report.
@@ -62,11 +64,12 @@ def quantize_layers(
 
     quantized: dict[str, VQWeight] = {}
     metrics: dict[str, dict] = {}
-    for key, (result, metric) in per_layer_checkpointed(ctx, ctx.layers, desc, quantize_with_metrics).items():
+    layers = ctx.layers if layers is None else layers
+    for key, (result, metric) in per_layer_checkpointed(ctx, layers, desc, quantize_with_metrics).items():
         metrics[key] = metric
         if result is not None:
             quantized[key] = result
-    for layer in ctx.layers:
+    for layer in layers:
         if layer.key not in quantized:
             logger.warning("layer %s (%dx%d) left dense: %s", layer.key, layer.out_features, layer.in_features, desc)
     return quantized, metrics

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CollectStatsConfig(PassConfig):
-    VERSION = 2
+    VERSION = 3  # 3: provides stats_config
     gradients: bool = True
     # False: every token weighs 1 in H_I (H_I = H_X / T), the ablation of the importance weighting;
     # G, H_O and the Fisher trace keep the gradients.
@@ -50,7 +50,7 @@ def _split_feed(feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.
 class CollectStats(Pass):
     name = "collect-stats"
     config_class = CollectStatsConfig
-    provides = ("stats",)
+    provides = ("stats", "stats_config")
     needs_calibration = True
 
     def run(self, ctx) -> PassResult:
@@ -60,19 +60,26 @@ class CollectStats(Pass):
                 "pass --calib DIR (a directory of .npz feeds), or use a method that needs none (rtn, kmeans-vq)",
             )
         samples = ctx.calibration[: self.config.max_samples]
-        gradients = self.config.gradients
-        if gradients and ctx.options.labels == "data" and any(LABELS_KEY not in s for s in samples):
+        if self.config.gradients and ctx.options.labels == "data" and any(LABELS_KEY not in s for s in samples):
             raise CalibrationError(
                 "this recipe collects gradients, which need labels, but the calibration files have no 'labels' array",
                 "add int64 'labels' (-100 = ignore) to each .npz, or pass --labels model to use the model's own "
                 "argmax as pseudo-labels",
             )
+        stats = self.collect(ctx, ctx.models, ctx.layers)
+        # The config travels with the statistics, so a later pass can collect more of the same kind.
+        return PassResult({"stats": stats, "stats_config": self.config}, {"samples": len(samples), "layers": len(stats)})
+
+    def collect(self, ctx, models: dict, layers: list) -> dict[str, LayerStatistics]:
+        """Statistics of ``layers`` over the calibration set, running ``models`` (graph name -> model: the
+        compile's own, or copies holding other weights)."""
+        samples = ctx.calibration[: self.config.max_samples]
         stats: dict[str, LayerStatistics] = {}
-        for graph_name, model in ctx.models.items():
-            layers = [layer for layer in ctx.layers if layer.graph == graph_name]
-            if layers:
-                stats.update(self._collect_graph(ctx, graph_name, model, layers, samples, gradients))
-        return PassResult({"stats": stats}, {"samples": len(samples), "layers": len(stats)})
+        for graph_name, model in models.items():
+            in_graph = [layer for layer in layers if layer.graph == graph_name]
+            if in_graph:
+                stats.update(self._collect_graph(ctx, graph_name, model, in_graph, samples, self.config.gradients))
+        return stats
 
     def _collect_graph(self, ctx, graph_name, model, layers, samples, gradients):
         from mgvq_compile.calibration.executor import GraphExecutor

@@ -153,10 +153,7 @@ def hessian_loss(
     w_target: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, h: torch.Tensor, d: int
 ) -> float:
     """tr((W - C[codes]) H (W - C[codes])^T) in float64; codes [m, n_g/d] index rows of C [k, d]."""
-    m, n_g = w_target.shape
-    decoded = centroids.to(torch.float64)[codes.to(torch.int64)].reshape(m, n_g)
-    err = w_target.to(torch.float64) - decoded
-    return float(((err @ h.to(torch.float64)) * err).sum())
+    return layer_hessian_loss(w_target, [codes], [centroids], h, d)
 
 
 def decode_groups(codes: list[torch.Tensor], codebooks: list[torch.Tensor], m: int) -> torch.Tensor:
