@@ -190,7 +190,8 @@ class Compensate(Pass):
         if all((path := ctx.checkpoint_path(layer)) is not None and path.exists() for layer in stage):
             return {}  # every layer of the stage resumes from its checkpoint
         dense = {key: q.dequantize() for key, q in quantized.items()}
-        models = {name: with_weights(model, dense, ctx.layers) for name, model in ctx.models.items()}
+        models = {name: with_weights(model, dense, [layer for layer in ctx.layers if layer.graph == name])
+                  for name, model in ctx.models.items()}
         return CollectStats(ctx.artifacts["stats_config"]).collect(ctx, models, stage)
 
 

@@ -58,3 +58,23 @@ def test_sequential_compile_keeps_the_first_stage_and_requantizes_the_rest(tmp_p
     _out, again = _compile_mgvq(tmp_path, mlp, calib_dir, "again", "--set", "compensate.sequential_stages=3",
                                 "--no-resume")
     assert json.dumps(again["layers"]) == json.dumps(staged["layers"])
+
+
+def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_path):
+    from types import SimpleNamespace
+
+    from mgvq_compile.passes.compensate import Compensate
+
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    graphs = {"a": load_onnx(mlp), "b": load_onnx(mlp)}  # a model of two graphs, as split models are
+    feeds = [dict(np.load(path)) for path in sorted(calib_dir.glob("*.npz"))]
+    ctx, _key, _dir = _new_context(graphs, feeds, 0, "data", "logits", "cpu", False, None, False)
+    ctx.artifacts["stats_config"] = CollectStatsConfig(gradients=False)
+    a_fc1 = next(layer for layer in ctx.layers if layer.graph == "a" and layer.weight == "fc1.weight")
+    b_fc2 = next(layer for layer in ctx.layers if layer.graph == "b" and layer.weight == "fc2.weight")
+    zeroed = SimpleNamespace(dequantize=lambda: np.zeros_like(weight_matrix(graphs["a"], a_fc1)))
+    stats = Compensate._stats_on_quantized_inputs(ctx, [b_fc2], {a_fc1.key: zeroed})
+    # Graph b keeps its own fc1, so fc2 of b sees the float model's inputs, not graph a's zeroed fc1.
+    reference = CollectStats(CollectStatsConfig(gradients=False)).collect(ctx, graphs, [b_fc2])
+    np.testing.assert_array_equal(stats[b_fc2.key].h_x.numpy(), reference[b_fc2.key].h_x.numpy())
+    assert stats[b_fc2.key].h_x.abs().sum() > 0
