@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -161,6 +162,12 @@ def _parse_reuse(source: str) -> tuple[str, str | None, str | None]:
     return tag, from_method or None, to_method or None
 
 
+@functools.lru_cache(maxsize=None)
+def _committed_runs(path: Path) -> tuple[dict, ...]:
+    """The run records of a committed results file, read once per benchmark."""
+    return tuple(json.loads(path.read_text())["runs"])
+
+
 def reused_record(sources: list[str], model: str, method: str, bits: float, seed: int) -> dict | None:
     """The first committed record of the ``--reuse`` sources that stands for this run, marked ``reused_from``."""
     for source in sources:
@@ -168,8 +175,7 @@ def reused_record(sources: list[str], model: str, method: str, bits: float, seed
         if to_method is not None and to_method != method:
             continue
         wanted = (model, from_method or method, bits, seed)
-        runs = json.loads((RESULTS / f"accuracy-{tag}.json").read_text())["runs"]
-        for run in runs:
+        for run in _committed_runs(RESULTS / f"accuracy-{tag}.json"):
             if (run["model"], run["method"], run["bits"], run["seed"]) == wanted:
                 return {**run, "method": method, "reused_from": f"--tag {tag}, method {wanted[1]}"}
     return None
@@ -208,12 +214,16 @@ def _files_digest(model_path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cold_record_path(work: Path, model: str, method: str, bits: float, seed: int, tag: str) -> Path:
+    return work / "runs" / f"{run_key(model, method, bits, seed, tag)}-cold.json"
+
+
 def _cold_compile(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
                   options: list[str], tag: str) -> dict:
     """``method`` compiled again with an empty artifact cache: the time a fresh user waits, calibration
     statistics included; its files must equal the cached run's byte for byte (determinism)."""
     key = run_key(model, method, bits, seed, tag)
-    record_path = work / "runs" / f"{key}-cold.json"
+    record_path = _cold_record_path(work, model, method, bits, seed, tag)
     if record_path.exists():
         return json.loads(record_path.read_text())
     out = work / "models" / f"{key}-cold"
@@ -355,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     shown = {k: record[k] for k in ("perplexity", "wer", "nll", "bits_per_weight", "compile_s")
                              if k in record}
                     print(f"{model} {method} {bits:g}-bit seed {seed}: {shown}", flush=True)
-        cold_path = args.work / "runs" / f"{run_key(model, args.cold, args.bits[0], args.seeds[0], args.tag)}-cold.json"
+        cold_path = _cold_record_path(args.work, model, args.cold, args.bits[0], args.seeds[0], args.tag)
         if args.cold in args.methods and args.recorded_only and cold_path.exists():
             cold.append(json.loads(cold_path.read_text()))
         elif args.cold in args.methods and not args.recorded_only:

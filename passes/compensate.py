@@ -165,11 +165,12 @@ class Compensate(Pass):
         scope = ctx.artifacts.get("codebook_scope", "layer-group")
 
         quantized: dict[str, VQWeight] = {}
+        dense: dict[str, np.ndarray] = {}  # the quantized layers' W, for the later stages' statistics
         metrics: dict[str, dict] = {}
         stages = sequential_stages(ctx.layers, cfg.sequential_stages)
         for index, stage in enumerate(stages):
             if index > 0:
-                stats = self._stats_on_quantized_inputs(ctx, stage, quantized)
+                stats = self._stats_on_quantized_inputs(ctx, stage, dense)
 
             def quantize(weight: np.ndarray, layer: LinearLayer, stats=stats) -> tuple[VQWeight, dict] | None:
                 if layer.key not in allocation:
@@ -179,17 +180,20 @@ class Compensate(Pass):
             desc = f"compensate (lam={cfg.lam})" + (f", stage {index + 1}/{len(stages)}" if len(stages) > 1 else "")
             done, done_metrics = quantize_layers(ctx, desc, quantize, layers=stage)
             quantized.update(done)
+            if index + 1 < len(stages):
+                dense.update({key: q.dequantize() for key, q in done.items()})
             for key, metric in done_metrics.items():
                 metrics[key] = {**metric, "sequential_stage": index + 1} if len(stages) > 1 else metric
         return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})
 
     @staticmethod
-    def _stats_on_quantized_inputs(ctx, stage: list[LinearLayer], quantized: dict[str, VQWeight]) -> dict:
+    def _stats_on_quantized_inputs(ctx, stage: list[LinearLayer], dense: dict[str, np.ndarray]) -> dict:
+        """Statistics of ``stage``'s layers on copies of the graphs whose layers in ``dense`` (key -> W)
+        hold those weights."""
         from mgvq_compile.passes.collect_stats import CollectStats
 
         if all((path := ctx.checkpoint_path(layer)) is not None and path.exists() for layer in stage):
             return {}  # every layer of the stage resumes from its checkpoint
-        dense = {key: q.dequantize() for key, q in quantized.items()}
         models = {name: with_weights(model, dense, [layer for layer in ctx.layers if layer.graph == name])
                   for name, model in ctx.models.items()}
         return CollectStats(ctx.artifacts["stats_config"]).collect(ctx, models, stage)

@@ -61,8 +61,6 @@ def test_sequential_compile_keeps_the_first_stage_and_requantizes_the_rest(tmp_p
 
 
 def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_path):
-    from types import SimpleNamespace
-
     from mgvq_compile.passes.compensate import Compensate
 
     mlp, calib_dir = _mlp_with_calibration(tmp_path)
@@ -72,7 +70,7 @@ def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_
     ctx.artifacts["stats_config"] = CollectStatsConfig(gradients=False)
     a_fc1 = next(layer for layer in ctx.layers if layer.graph == "a" and layer.weight == "fc1.weight")
     b_fc2 = next(layer for layer in ctx.layers if layer.graph == "b" and layer.weight == "fc2.weight")
-    zeroed = SimpleNamespace(dequantize=lambda: np.zeros_like(weight_matrix(graphs["a"], a_fc1)))
+    zeroed = np.zeros_like(weight_matrix(graphs["a"], a_fc1))
     stats = Compensate._stats_on_quantized_inputs(ctx, [b_fc2], {a_fc1.key: zeroed})
     # Graph b keeps its own fc1, so fc2 of b sees the float model's inputs, not graph a's zeroed fc1.
     reference = CollectStats(CollectStatsConfig(gradients=False)).collect(ctx, graphs, [b_fc2])
