@@ -1,7 +1,7 @@
 """Accuracy of every method on the two real models, at the same total bits per weight.
 
     python benchmarks/accuracy.py [--models smollm2 whisper] [--methods ...] [--bits 2 3] [--seeds 0 1 2]
-                                  [--set PASS.OPTION=VALUE ...] [--tag NAME] [--work DIR] [--recorded-only]
+                                  [--set PASS.OPTION=VALUE ...] [--calib-samples N] [--tag NAME] [--work DIR] [--recorded-only]
                                   [--reuse TAG[:METHOD|:FROM=TO] ...]
 
 - SmolLM2-135M: calibrate on windows of Pride and Prejudice, perplexity on Sense and Sensibility (ORT).
@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], dest="options", metavar="PASS.OPTION=VALUE",
                         help="pass option for every mgvq-family run (e.g. compensate.lam=0.1)")
     parser.add_argument("--vector-dim", type=int, help="vector dimension d of every VQ method (gptvq, kmeans-vq, mgvq*)")
+    parser.add_argument("--calib-samples", type=int, metavar="N",
+                        help="calibration samples per seed for both models (SmolLM2 windows, Whisper sentences); "
+                             f"default {Settings.calib_windows} and {Settings.whisper_calib_sentences}")
     parser.add_argument("--tag", default="", help="names this variant's runs and result files")
     parser.add_argument("--cold", default="mgvq", metavar="METHOD",
                         help="compile METHOD once more per model with an empty artifact cache, timing a fresh "
@@ -345,6 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     for source in args.reuse:
         _parse_reuse(source)
     settings = Settings()
+    if args.calib_samples is not None:
+        if args.calib_samples < 1:
+            parser.error(f"--calib-samples must be at least 1, got {args.calib_samples}")
+        if not args.tag:
+            parser.error("--calib-samples needs a --tag: runs are recorded by tag, and untagged runs use the default "
+                         "calibration size")
+        settings = dataclasses.replace(settings, calib_windows=args.calib_samples,
+                                       whisper_calib_sentences=args.calib_samples)
     args.work.mkdir(parents=True, exist_ok=True)
     records, cold = [], []
     for model in args.models:
