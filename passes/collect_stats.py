@@ -70,23 +70,28 @@ class CollectStats(Pass):
         # The config travels with the statistics, so a later pass can collect more of the same kind.
         return PassResult({"stats": stats, "stats_config": self.config}, {"samples": len(samples), "layers": len(stats)})
 
-    def collect(self, ctx, models: dict, layers: list) -> dict[str, LayerStatistics]:
+    def collect(self, ctx, models: dict, layers: list, reference_models: dict | None = None) -> dict[str, LayerStatistics]:
         """Statistics of ``layers`` over the calibration set, running ``models`` (graph name -> model: the
-        compile's own, or copies holding other weights)."""
+        compile's own, or copies holding other weights). With ``reference_models`` (graph name -> model),
+        each sample also runs there and the layers' inputs in it give the cross moment C."""
         samples = ctx.calibration[: self.config.max_samples]
         stats: dict[str, LayerStatistics] = {}
         for graph_name, model in models.items():
             in_graph = [layer for layer in layers if layer.graph == graph_name]
             if in_graph:
-                stats.update(self._collect_graph(ctx, graph_name, model, in_graph, samples, self.config.gradients))
+                reference = None if reference_models is None else reference_models[graph_name]
+                stats.update(self._collect_graph(ctx, graph_name, model, in_graph, samples, self.config.gradients,
+                                                 reference))
         return stats
 
-    def _collect_graph(self, ctx, graph_name, model, layers, samples, gradients):
+    def _collect_graph(self, ctx, graph_name, model, layers, samples, gradients, reference_model=None):
         from mgvq_compile.calibration.executor import GraphExecutor
 
         executor = GraphExecutor(
             model, device=ctx.options.device, trainable=[layer.weight for layer in layers] if gradients else ()
         )
+        reference = (None if reference_model is None
+                     else GraphExecutor(reference_model, device=ctx.options.device, trainable=()))
         outputs_of = {}
         for node in model.graph:
             if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -103,6 +108,10 @@ class CollectStats(Pass):
         }
         for sample in ctx.progress(samples, desc=f"calibrating {graph_name}"):
             feeds, labels, token_modality = _split_feed(sample)
+            reference_values = {}
+            if reference is not None:
+                with torch.no_grad():
+                    reference_values = reference.run(feeds, keep={layer.activation for layer in layers})
             with torch.set_grad_enabled(gradients):
                 values = executor.run(feeds, keep=keep)
                 if gradients:
@@ -116,8 +125,12 @@ class CollectStats(Pass):
                     if y.grad is None:
                         raise CalibrationError(f"no gradient reached layer {layer.key} from the loss")
                     g = y.grad.reshape(-1, y.shape[-1])
+                x_reference = None
+                if reference is not None:
+                    x_reference = reference_values[layer.activation].detach()
+                    x_reference = x_reference.reshape(-1, x_reference.shape[-1])
                 accumulate(stats[layer.key], x, g, self._token_masks(ctx, layer, token_modality, x.shape[0]),
-                           token_importance=self.config.token_importance)
+                           token_importance=self.config.token_importance, x_reference=x_reference)
             executor.zero_grad()
         return stats
 

@@ -15,6 +15,7 @@ from mgvq_compile.algorithms.gptq import (
     feedback_factor,
     hessian_norm,
     newton_step,
+    output_matching_target,
     trust_region_target,
 )
 from mgvq_compile.algorithms.hessian import damp
@@ -33,7 +34,7 @@ __all__ = ["CompensateConfig", "Compensate", "compensate_layer", "sequential_sta
 
 @dataclasses.dataclass(frozen=True)
 class CompensateConfig(PassConfig):
-    VERSION = 10  # 10: sequential_stages
+    VERSION = 11  # 11: match_float_outputs
     # How far the rounding target moves along the Newton direction -H_O^-1 G H_I^-1, as a fraction of
     # the weights' H_I-norm (a trust radius); 0 = plain second-order rounding toward W.
     # Default 0.01 (2026-11-23, 2 bits, seeds 0-2, against lam = 0): SmolLM2-135M perplexity 148.0 vs 164.2,
@@ -65,6 +66,12 @@ class CompensateConfig(PassConfig):
     # tiny.en, 2 bits, 8 stages (--tag seq8): NLL 4.30 and 4.01 against 5.27 and 5.18 (seeds 0, 1), but
     # WER 1.35 and 1.98 against 1.26 and 1.24 (longer greedy loops); SmolLM2 not measured.
     sequential_stages: int = 1
+    # In the stages after the first, round toward W C H^-1 instead of W: the weights that map the layer's
+    # inputs in the partly quantized model to the float model's outputs, with C = sum_t w_t x^f_t x_t^T the
+    # cross moment of its float and quantized inputs (GPTAQ's asymmetric calibration; one more forward of
+    # the float model per sample and stage). Without it, each layer reproduces W x_t, so the error
+    # upstream is only seen by the rounding, never undone.
+    match_float_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -75,6 +82,9 @@ class CompensateConfig(PassConfig):
         if self.sequential_stages < 1:
             raise RecipeError(f"compensate sequential_stages must be >= 1, got {self.sequential_stages}",
                               "1 = every layer from the float model's statistics")
+        if self.match_float_outputs and self.sequential_stages < 2:
+            raise RecipeError("compensate match_float_outputs needs sequential_stages >= 2 (with one stage every "
+                              "layer's inputs are the float model's)", "set compensate.sequential_stages=4, say")
         if self.refine_rounds < 1:
             raise RecipeError(f"compensate refine_rounds must be >= 1, got {self.refine_rounds}",
                               "set compensate.refine_codebooks=false to skip refinement")
@@ -100,6 +110,11 @@ def compensate_layer(weight: np.ndarray, plan: LayerAllocation, books: list[np.n
     h = layer_stats.input_hessian
     w = torch.from_numpy(weight).to(torch.float64)
     extra: dict = {"codebook_scope": scope}
+    cross = layer_stats.input_cross_moment
+    if cross is not None:
+        matched = output_matching_target(w, cross, h, damp_rel=cfg.damp_rel)
+        extra["output_matching_shift_relative_norm"] = hessian_norm(matched - w, h) / max(hessian_norm(w, h), 1e-30)
+        w = matched
     if cfg.lam > 0 and layer_stats.gradient is not None:
         step = newton_step(layer_stats.gradient, h, layer_stats.h_o, damp_rel=cfg.newton_damp_rel)
         # The full Newton step F^-1 vec(G), F ~ s (H_O kron H_I), relative to W: how far the raw
@@ -170,7 +185,7 @@ class Compensate(Pass):
         stages = sequential_stages(ctx.layers, cfg.sequential_stages)
         for index, stage in enumerate(stages):
             if index > 0:
-                stats = self._stats_on_quantized_inputs(ctx, stage, dense)
+                stats = self._stats_on_quantized_inputs(ctx, stage, dense, cfg.match_float_outputs)
 
             def quantize(weight: np.ndarray, layer: LinearLayer, stats=stats) -> tuple[VQWeight, dict] | None:
                 if layer.key not in allocation:
@@ -187,16 +202,18 @@ class Compensate(Pass):
         return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})
 
     @staticmethod
-    def _stats_on_quantized_inputs(ctx, stage: list[LinearLayer], dense: dict[str, np.ndarray]) -> dict:
+    def _stats_on_quantized_inputs(ctx, stage: list[LinearLayer], dense: dict[str, np.ndarray],
+                                   with_float_inputs: bool = False) -> dict:
         """Statistics of ``stage``'s layers on copies of the graphs whose layers in ``dense`` (key -> W)
-        hold those weights."""
+        hold those weights (and, ``with_float_inputs``, their cross moment with the float model's inputs)."""
         from mgvq_compile.passes.collect_stats import CollectStats
 
         if all((path := ctx.checkpoint_path(layer)) is not None and path.exists() for layer in stage):
             return {}  # every layer of the stage resumes from its checkpoint
         models = {name: with_weights(model, dense, [layer for layer in ctx.layers if layer.graph == name])
                   for name, model in ctx.models.items()}
-        return CollectStats(ctx.artifacts["stats_config"]).collect(ctx, models, stage)
+        return CollectStats(ctx.artifacts["stats_config"]).collect(
+            ctx, models, stage, reference_models=ctx.models if with_float_inputs else None)
 
 
 def sequential_stages(layers: list[LinearLayer], count: int) -> list[list[LinearLayer]]:

@@ -12,6 +12,7 @@ from mgvq_compile.algorithms.gptq import (
     hessian_norm,
     newton_shifted_target,
     newton_step,
+    output_matching_target,
     trust_region_target,
 )
 from mgvq_compile.algorithms.hessian import cholesky_inverse_upper, damp, dead_inputs
@@ -330,6 +331,22 @@ def test_trust_region_target_moves_by_the_radius_along_the_newton_direction():
         assert hessian_norm(target - w, h_in) == pytest.approx(radius * hessian_norm(w, h_in), rel=1e-9)
         assert float((g * (target - w)).sum()) < 0  # still a descent direction
     assert torch.equal(trust_region_target(w, step, h_in, radius=0.0), w)
+
+
+def test_output_matching_target_is_the_least_squares_map_from_actual_to_reference_inputs():
+    gen = torch.Generator().manual_seed(5)
+    x_ref = torch.randn(400, 24, generator=gen, dtype=F64)
+    mixing = torch.eye(24, dtype=F64) + 0.1 * torch.randn(24, 24, generator=gen, dtype=F64)
+    x = x_ref @ mixing + 0.01 * torch.randn(400, 24, generator=gen, dtype=F64)  # inputs after upstream error
+    w = torch.randn(8, 24, generator=gen, dtype=F64)
+    h, cross = x.T @ x, x_ref.T @ x
+    target = output_matching_target(w, cross, h, damp_rel=1e-9)
+    least_squares = torch.linalg.lstsq(x, x_ref @ w.T).solution.T  # argmin_Q |X_ref W^T - X Q^T|
+    assert torch.allclose(target, least_squares, rtol=1e-5, atol=1e-6)
+    residual = lambda q: float(((x_ref @ w.T - x @ q.T) ** 2).sum())  # noqa: E731
+    assert residual(target) < 0.01 * residual(w)
+    # Inputs that agree give W back exactly, whatever the damping.
+    assert torch.equal(output_matching_target(w, h, h, damp_rel=0.1), w)
 
 
 def test_assign_in_metric_is_the_brute_force_argmin():

@@ -40,6 +40,12 @@ def test_statistics_of_a_model_with_replaced_weights_see_those_weights(tmp_path)
     bias = model.graph.initializers["fc1.bias"].const_value.numpy()
     inputs = np.concatenate([np.maximum(f["x"] @ replaced.T + bias, 0).reshape(-1, w1.shape[0]) for f in feeds])
     np.testing.assert_allclose(stats[fc2.key].h_x.numpy(), inputs.T @ inputs, rtol=1e-4, atol=1e-3)
+    # With the float model as reference, the cross moment pairs its fc2 inputs with the copy's.
+    crossed = CollectStats(CollectStatsConfig(gradients=False)).collect(ctx, {"model": copy}, [fc2],
+                                                                        reference_models={"model": model})
+    float_inputs = np.concatenate([np.maximum(f["x"] @ w1.T + bias, 0).reshape(-1, w1.shape[0]) for f in feeds])
+    np.testing.assert_allclose(crossed[fc2.key].input_cross_moment.numpy(), float_inputs.T @ inputs, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(crossed[fc2.key].h_x.numpy(), stats[fc2.key].h_x.numpy())
 
 
 def test_sequential_compile_keeps_the_first_stage_and_requantizes_the_rest(tmp_path):
@@ -58,6 +64,21 @@ def test_sequential_compile_keeps_the_first_stage_and_requantizes_the_rest(tmp_p
     _out, again = _compile_mgvq(tmp_path, mlp, calib_dir, "again", "--set", "compensate.sequential_stages=3",
                                 "--no-resume")
     assert json.dumps(again["layers"]) == json.dumps(staged["layers"])
+
+
+def test_matching_float_outputs_moves_the_later_stages_targets_only(tmp_path):
+    mlp, calib_dir = _mlp_with_calibration(tmp_path)
+    staged_args = ("--set", "compensate.sequential_stages=3")
+    _out, staged = _compile_mgvq(tmp_path, mlp, calib_dir, "staged", *staged_args)
+    _out, matched = _compile_mgvq(tmp_path, mlp, calib_dir, "matched", *staged_args,
+                                  "--set", "compensate.match_float_outputs=true")
+    first, *rest = list(zip(staged["layers"], matched["layers"]))
+    assert first[0]["proxy_loss"] == first[1]["proxy_loss"]  # stage 1's inputs are the float model's
+    assert "output_matching_shift_relative_norm" not in first[1]
+    assert all(b["output_matching_shift_relative_norm"] > 0 and a["proxy_loss"] != b["proxy_loss"] for a, b in rest)
+    assert matched["summary"]["bits_per_weight"] == staged["summary"]["bits_per_weight"]
+    with pytest.raises(RecipeError, match="match_float_outputs needs sequential_stages"):
+        CompensateConfig(match_float_outputs=True)
 
 
 def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_path):

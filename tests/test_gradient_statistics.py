@@ -37,6 +37,26 @@ def _stats(tokens: int, seed: int, *, shared_direction: bool, n: int = 24, m: in
     return stats
 
 
+def test_cross_moment_is_weighted_like_the_input_hessian():
+    gen = torch.Generator().manual_seed(2)
+    x, x_ref, g = torch.randn(50, 6, generator=gen), torch.randn(50, 6, generator=gen), torch.randn(50, 4, generator=gen)
+    stats = new_statistics(6, 4, gradients=True, full_output_hessian=True)
+    accumulate(stats, x[:20], g[:20], x_reference=x_ref[:20])
+    accumulate(stats, x[20:], g[20:], x_reference=x_ref[20:])
+    weights = (g * g).sum(dim=1)
+    expected = (x_ref * weights[:, None]).T @ x / weights.sum()
+    assert torch.allclose(stats.input_cross_moment, expected, rtol=1e-5, atol=1e-6)
+    same = new_statistics(6, 4, gradients=True, full_output_hessian=True)
+    accumulate(same, x, g, x_reference=x)
+    assert torch.allclose(same.input_cross_moment, same.input_hessian)  # C = H when the inputs agree
+    plain = new_statistics(6, 4, gradients=False, full_output_hessian=True)
+    accumulate(plain, x, x_reference=x_ref)
+    assert torch.allclose(plain.input_cross_moment, x_ref.T @ x, rtol=1e-5, atol=1e-5)
+    assert new_statistics(6, 4, gradients=False, full_output_hessian=True).input_cross_moment is None
+    with pytest.raises(ValueError, match="reference inputs"):
+        accumulate(plain, x, x_reference=x_ref[:, :5])
+
+
 def test_signal_ratio_is_about_one_for_noise_and_grows_with_tokens_for_a_shared_direction():
     noise = [gradient_signal_ratio(_stats(4000, seed, shared_direction=False)) for seed in range(5)]
     assert 0.8 < sum(noise) / len(noise) < 1.2

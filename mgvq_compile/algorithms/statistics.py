@@ -5,6 +5,8 @@ For tokens t with inputs x_t (n) and output gradients g_t (m):
   H_I = sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2,  H_O = sum_t |x_t|^2 g_t g_t^T / sum_t |x_t|^2.
 With ``token_importance=False`` every token weighs 1 in H_I (H_I = H_X / T: the ablation of the
 importance weighting; H_O and G are unchanged).
+Given the same tokens' inputs x^f_t in a reference model (the float model, when x_t comes from a partly
+quantized one), also the cross moment C = sum_t w_t x^f_t x_t^T, with the token weights w_t of H_I (or 1).
 Sums are accumulated in float32 and never stored per token.
 """
 
@@ -31,6 +33,14 @@ class LayerStatistics:
     importance_total: float = 0.0  # sum of the token weights of H_I (sum_t |g_t|^2, or T)
     input_sq_total: float = 0.0
     fisher_trace: float = 0.0  # sum_t |g_t|^2 |x_t|^2 = tr of the empirical Fisher
+    cross_sum: torch.Tensor | None = None  # sum_t w_t x^f_t x_t^T, weighted like input_hessian
+
+    @property
+    def input_cross_moment(self) -> torch.Tensor | None:
+        """C in the scale of ``input_hessian`` (so that W C H^-1 = W when the inputs agree)."""
+        if self.cross_sum is None:
+            return None
+        return self.cross_sum / self.importance_total if self.h_i is not None else self.cross_sum
 
     @property
     def h_i(self) -> torch.Tensor | None:
@@ -77,12 +87,20 @@ def accumulate(
     g: torch.Tensor | None = None,
     token_modality: dict[str, torch.Tensor] | None = None,
     token_importance: bool = True,
+    x_reference: torch.Tensor | None = None,
 ) -> None:
     """Add tokens ``x`` [T, n] (and their output gradients ``g`` [T, m]) to ``stats``.
 
     ``token_modality`` maps a modality to a boolean mask [T] of its tokens (for H_X per modality).
+    ``x_reference`` [T, n]: the same tokens' inputs in the reference model, for the cross moment.
     """
     x = x.detach().to(torch.float32)
+    if x_reference is not None:
+        x_reference = x_reference.detach().to(torch.float32)
+        if x_reference.shape != x.shape:
+            raise ValueError(f"reference inputs have shape {tuple(x_reference.shape)}, inputs {tuple(x.shape)}")
+        if stats.cross_sum is None:
+            stats.cross_sum = torch.zeros_like(stats.h_x)
     stats.tokens += x.shape[0]
     stats.h_x += x.T @ x
     for modality, mask in (token_modality or {}).items():
@@ -91,12 +109,16 @@ def accumulate(
             stats.h_x_by_modality[modality] = torch.zeros_like(stats.h_x)
         stats.h_x_by_modality[modality] += xm.T @ xm
     if g is None or stats.gradient is None:
+        if x_reference is not None:
+            stats.cross_sum += x_reference.T @ x
         return
     g = g.detach().to(torch.float32)
     g_sq = (g * g).sum(dim=1)
     x_sq = (x * x).sum(dim=1)
     stats.gradient += g.T @ x
     importance = g_sq if token_importance else torch.ones_like(g_sq)
+    if x_reference is not None:
+        stats.cross_sum += (x_reference * importance[:, None]).T @ x
     stats.h_i_sum += (x * importance[:, None]).T @ x
     if stats.h_o_sum.dim() == 2:
         stats.h_o_sum += (g * x_sq[:, None]).T @ g
