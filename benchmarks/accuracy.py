@@ -53,7 +53,10 @@ class Settings:
     calib_windows: int = 32
     eval_windows: int = 32
     whisper_decoder_len: int = 48
-    whisper_calib_sentences: int = 32
+    # The method page's 128 samples. Whisper's 32 sentences gave its decoder about 600 transcript tokens,
+    # fewer than the 1536 inputs of its fc2 layers; 128 (2026-11-23, 2 bits, seed 0): mgvq NLL 4.69 vs 5.27,
+    # gptvq 6.95 vs 6.95. SmolLM2's 32 windows are 4096 tokens.
+    whisper_calib_sentences: int = 128
     whisper_eval_sentences: int = 16
 
 
@@ -144,6 +147,9 @@ def _compile(setup: ModelSetup, out: Path, method: str, bits: float, seed: int, 
     }
 
 
+UNTAGGED = "untagged"  # --reuse's name for the runs of no --tag (accuracy.json)
+
+
 def run_key(model: str, method: str, bits: float, seed: int, tag: str) -> str:
     """The name of a run's record (under --work/runs) and model directory."""
     return f"{model}-{method}-{bits:g}bit-seed{seed}{'-' + tag if tag else ''}"
@@ -157,9 +163,14 @@ def _parse_reuse(source: str) -> tuple[str, str | None, str | None]:
     if not tag or (mapping and not (from_method and to_method)):
         raise SystemExit(f"--reuse {source!r}: write TAG, TAG:METHOD or TAG:FROM_METHOD=TO_METHOD "
                          "(e.g. bits234:mgvq=mgvq-no-grad)")
-    if not (RESULTS / f"accuracy-{tag}.json").is_file():
-        raise SystemExit(f"--reuse {source!r}: no {RESULTS / f'accuracy-{tag}.json'}; name a tag whose results are committed")
+    if not results_path(tag).is_file():
+        raise SystemExit(f"--reuse {source!r}: no {results_path(tag)}; name a tag whose results are committed")
     return tag, from_method or None, to_method or None
+
+
+def results_path(tag: str) -> Path:
+    """A committed results file: ``accuracy-TAG.json``; the tag ``untagged`` names ``accuracy.json``."""
+    return RESULTS / ("accuracy.json" if tag == UNTAGGED else f"accuracy-{tag}.json")
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,16 +179,26 @@ def _committed_runs(path: Path) -> tuple[dict, ...]:
     return tuple(json.loads(path.read_text())["runs"])
 
 
-def reused_record(sources: list[str], model: str, method: str, bits: float, seed: int) -> dict | None:
-    """The first committed record of the ``--reuse`` sources that stands for this run, marked ``reused_from``."""
+def calibration_of(record: dict) -> str | None:
+    """The name of the calibration directory a run's compile read (None for fp32 references)."""
+    args = shlex.split(record.get("command", ""))
+    return Path(args[args.index("--calib") + 1]).name if "--calib" in args else None
+
+
+def reused_record(sources: list[str], model: str, method: str, bits: float, seed: int,
+                  calibration: str | None = None) -> dict | None:
+    """The first committed record of the ``--reuse`` sources that stands for this run, marked ``reused_from``;
+    given a ``calibration`` directory name, only records calibrated on it."""
     for source in sources:
         tag, from_method, to_method = _parse_reuse(source)
         if to_method is not None and to_method != method:
             continue
         wanted = (model, from_method or method, bits, seed)
-        for run in _committed_runs(RESULTS / f"accuracy-{tag}.json"):
-            if (run["model"], run["method"], run["bits"], run["seed"]) == wanted:
-                return {**run, "method": method, "reused_from": f"--tag {tag}, method {wanted[1]}"}
+        for run in _committed_runs(results_path(tag)):
+            if (run["model"], run["method"], run["bits"], run["seed"]) == wanted and (
+                    calibration is None or calibration_of(run) == calibration):
+                named = "no --tag" if tag == UNTAGGED else f"--tag {tag}"
+                return {**run, "method": method, "reused_from": f"{named}, method {wanted[1]}"}
     return None
 
 
@@ -185,9 +206,14 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
              options: list[str], tag: str, recorded_only: bool = False, reuse: list[str] = ()) -> dict | None:
     key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}.json"
+    calibration = None if setup is None else setup.calib_dir.name
     if record_path.exists():
-        return json.loads(record_path.read_text())
-    reused = reused_record(list(reuse), model, method, bits, seed)
+        record = json.loads(record_path.read_text())
+        if calibration is not None and calibration_of(record) not in (None, calibration):
+            raise SystemExit(f"{record_path} was calibrated on {calibration_of(record)}, but this run calibrates on "
+                             f"{calibration}: pass another --tag (or --calib-samples), or delete the record to recompute it")
+        return record
+    reused = reused_record(list(reuse), model, method, bits, seed, calibration)
     if reused is not None:
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(reused, indent=1))
@@ -341,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tabulate the runs already recorded under --work and run nothing new")
     parser.add_argument("--reuse", action="append", default=[], metavar="TAG[:METHOD|:FROM=TO]",
                         help="take a run missing from --work from the committed benchmarks/results/accuracy-TAG.json "
-                             "instead of computing it (marked reused_from); :METHOD takes only that method's runs, "
+                             f"({UNTAGGED}: accuracy.json) instead of computing it (marked reused_from), if it read the "
+                             "same calibration directory; :METHOD takes only that method's runs, "
                              ":FROM=TO lets that file's method FROM stand for method TO. Only for runs of the identical "
                              "configuration; repeatable, first match wins")
     args = parser.parse_args(argv)
+    if args.tag == UNTAGGED:
+        parser.error(f"--tag {UNTAGGED} is --reuse's name for the runs of no tag; pick another name")
     for source in args.reuse:
         _parse_reuse(source)
     settings = Settings()

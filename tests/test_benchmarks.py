@@ -3,6 +3,7 @@ not part of the suite: ``python benchmarks/kernels.py --quick`` is the smoke run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -244,6 +245,26 @@ def test_accuracy_reuse_takes_a_committed_record_marked_and_maps_methods(tmp_pat
     for bad in ("missing", "old:mgvq=", ":mgvq=mgvq"):
         with pytest.raises(SystemExit, match="--reuse"):
             accuracy.reused_record([bad], "whisper", "mgvq", 3.0, 1)
+
+
+def test_accuracy_runs_are_matched_by_calibration_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    calibrated = lambda name: {"model": "whisper", "method": "mgvq", "bits": 2.0, "seed": 0,  # noqa: E731
+                               "command": f"m.onnx -o out --method mgvq --calib /w/{name} --seed 0", "nll": 4.0}
+    (tmp_path / "results" / "accuracy.json").write_text(json.dumps({"runs": [calibrated("whisper-calib-32-seed0")]}))
+    assert accuracy.calibration_of(calibrated("c-128")) == "c-128"
+    assert accuracy.calibration_of({"method": "fp32"}) is None
+    setup = accuracy.ModelSetup(Path("fp.onnx"), Path("/w/whisper-calib-128-seed0"), None, "wer")
+    args = (tmp_path / "work", setup, "whisper", "mgvq", 2.0, 0, [], "")
+    # The untagged committed run read 32 sentences, this setup 128: not reused (and nothing to compute here).
+    assert accuracy._run_one(*args, recorded_only=True, reuse=[accuracy.UNTAGGED]) is None
+    small = dataclasses.replace(setup, calib_dir=Path("/w/whisper-calib-32-seed0"))
+    record = accuracy._run_one(*args[:1], small, *args[2:], recorded_only=True, reuse=[accuracy.UNTAGGED])
+    assert record["nll"] == 4.0 and record["reused_from"] == "no --tag, method mgvq"
+    # Now recorded under --work: a run asking for another calibration is refused, not served the old record.
+    with pytest.raises(SystemExit, match="calibrated on whisper-calib-32-seed0.*another --tag"):
+        accuracy._run_one(*args, recorded_only=True)
 
 
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
