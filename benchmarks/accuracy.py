@@ -198,7 +198,10 @@ def reused_record(sources: list[str], model: str, method: str, bits: float, seed
             if (run["model"], run["method"], run["bits"], run["seed"]) == wanted and (
                     calibration is None or calibration_of(run) == calibration):
                 named = "no --tag" if tag == UNTAGGED else f"--tag {tag}"
-                return {**run, "method": method, "reused_from": f"{named}, method {wanted[1]}"}
+                source_note = f"{named}, method {wanted[1]}"
+                if "reused_from" in run:  # keep where the committed record itself came from
+                    source_note += f" (there reused from {run['reused_from']})"
+                return {**run, "method": method, "reused_from": source_note}
     return None
 
 

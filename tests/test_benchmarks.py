@@ -265,6 +265,10 @@ def test_accuracy_runs_are_matched_by_calibration_directory(tmp_path, monkeypatc
     # Now recorded under --work: a run asking for another calibration is refused, not served the old record.
     with pytest.raises(SystemExit, match="calibrated on whisper-calib-32-seed0.*another --tag"):
         accuracy._run_one(*args, recorded_only=True)
+    # A record that was itself reused keeps its provenance.
+    (tmp_path / "results" / "accuracy-chain.json").write_text(json.dumps({"runs": [record]}))
+    again = accuracy.reused_record(["chain"], "whisper", "mgvq", 2.0, 0)
+    assert again["reused_from"] == "--tag chain, method mgvq (there reused from no --tag, method mgvq)"
 
 
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
