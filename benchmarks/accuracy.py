@@ -53,9 +53,9 @@ class Settings:
     calib_windows: int = 32
     eval_windows: int = 32
     whisper_decoder_len: int = 48
-    # The method page's 128 samples. Whisper's 32 sentences gave its decoder about 600 transcript tokens,
-    # fewer than the 1536 inputs of its fc2 layers; 128 (2026-11-23, 2 bits, seed 0): mgvq NLL 4.69 vs 5.27,
-    # gptvq 6.95 vs 6.95. SmolLM2's 32 windows are 4096 tokens.
+    # The method page's 128 samples. 32 sentences (the default until 2026-11-23) hold 467 transcript tokens,
+    # the only ones with a gradient, fewer than the 1536 inputs of the decoder's fc2; 128 hold 1881.
+    # SmolLM2's 32 windows are 4096 tokens.
     whisper_calib_sentences: int = 128
     whisper_eval_sentences: int = 16
 
