@@ -96,7 +96,8 @@ class CollectStats(Pass):
         for node in model.graph:
             if len(node.inputs) > 1 and node.inputs[1] is not None:
                 outputs_of.setdefault(node.inputs[1].name, node.outputs[0].name)
-        keep = {layer.activation for layer in layers}
+        inputs = {layer.activation for layer in layers}
+        keep = set(inputs)
         if gradients:
             keep |= {outputs_of[layer.weight] for layer in layers}
         stats = {
@@ -111,7 +112,7 @@ class CollectStats(Pass):
             reference_values = {}
             if reference is not None:
                 with torch.no_grad():
-                    reference_values = reference.run(feeds, keep={layer.activation for layer in layers})
+                    reference_values = reference.run(feeds, keep=inputs)
             with torch.set_grad_enabled(gradients):
                 values = executor.run(feeds, keep=keep)
                 if gradients:

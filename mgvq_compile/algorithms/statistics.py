@@ -40,7 +40,8 @@ class LayerStatistics:
         """C in the scale of ``input_hessian`` (so that W C H^-1 = W when the inputs agree)."""
         if self.cross_sum is None:
             return None
-        return self.cross_sum / self.importance_total if self.h_i is not None else self.cross_sum
+        weighted = self.h_i_sum is not None and self.importance_total > 0.0  # as h_i, without forming it
+        return self.cross_sum / self.importance_total if weighted else self.cross_sum
 
     @property
     def h_i(self) -> torch.Tensor | None:
