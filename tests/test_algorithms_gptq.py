@@ -347,6 +347,11 @@ def test_output_matching_target_is_the_least_squares_map_from_actual_to_referenc
     assert residual(target) < 0.01 * residual(w)
     # Inputs that agree give W back exactly, whatever the damping.
     assert torch.equal(output_matching_target(w, h, h, damp_rel=0.1), w)
+    # A strength a moves that fraction of the way: a = 0 is W, and the shift is linear in a.
+    assert torch.equal(output_matching_target(w, cross, h, damp_rel=1e-9, strength=0.0), w)
+    quarter = output_matching_target(w, cross, h, damp_rel=1e-9, strength=0.25)
+    assert torch.allclose(quarter - w, 0.25 * (target - w), rtol=1e-9, atol=1e-12)
+    assert residual(target) < residual(quarter) < residual(w)
 
 
 def test_assign_in_metric_is_the_brute_force_argmin():

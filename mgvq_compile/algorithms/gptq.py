@@ -289,16 +289,18 @@ def hessian_norm(x: torch.Tensor, h: torch.Tensor) -> float:
     return math.sqrt(max(float(((x64 @ h.to(torch.float64)) * x64).sum()), 0.0))
 
 
-def output_matching_target(w: torch.Tensor, cross: torch.Tensor, h_in: torch.Tensor, *, damp_rel: float = 0.01) -> torch.Tensor:
-    """W + W (C - H)(H + dI)^-1 (float64): the weights that, fed the layer's actual inputs x_t, best
-    reproduce the reference outputs W x^f_t, argmin_Q sum_t w_t |W x^f_t - Q x_t|^2 = W C H^-1, with
-    C = sum_t w_t x^f_t x_t^T and H = sum_t w_t x_t x_t^T (GPTAQ's asymmetric calibration). Written as a
-    damped correction of W, so that it is W exactly when the inputs agree (C = H).
+def output_matching_target(w: torch.Tensor, cross: torch.Tensor, h_in: torch.Tensor, *, damp_rel: float = 0.01,
+                           strength: float = 1.0) -> torch.Tensor:
+    """W + a W (C - H)(H + dI)^-1 (float64). At strength a = 1: the weights that, fed the layer's actual
+    inputs x_t, best reproduce the reference outputs W x^f_t, argmin_Q sum_t w_t |W x^f_t - Q x_t|^2 =
+    W C H^-1, with C = sum_t w_t x^f_t x_t^T and H = sum_t w_t x_t x_t^T (GPTAQ's asymmetric calibration).
+    Written as a damped correction of W, so that it is W exactly when the inputs agree (C = H) or a = 0;
+    0 < a < 1 moves part of the way.
     """
     w64 = w.detach().to(torch.float64)
     h = damp(h_in, damp_rel)[0]
     mismatch = cross.to(torch.float64) - h_in.to(torch.float64)
-    return w64 + torch.linalg.solve(h, (w64 @ mismatch).T).T  # H is symmetric: X H^-1 = (H^-1 X^T)^T
+    return w64 + strength * torch.linalg.solve(h, (w64 @ mismatch).T).T  # H is symmetric: X H^-1 = (H^-1 X^T)^T
 
 
 def trust_region_target(w: torch.Tensor, step: torch.Tensor, h_in: torch.Tensor, *, radius: float) -> torch.Tensor:
