@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from mgvq_compile.runtime import create_session
 from mgvq_compile.vqgemm import decode_from_stored
+from vq_helpers import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -28,9 +29,6 @@ import opbench  # noqa: E402
 def run(model: bytes, x: np.ndarray) -> np.ndarray:
     return create_session(model, threads=1).run(None, {"x": x})[0]
 
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def initializers(model: bytes) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:

@@ -17,7 +17,7 @@ import mgvq_compile
 from mgvq_compile.cli import main
 from mgvq_compile.runtime import create_session
 from onnx_builders import save_mlp
-from vq_helpers import dequantized_weights
+from vq_helpers import dequantized_weights, stored_vq_bytes
 
 
 @pytest.fixture()
@@ -53,13 +53,9 @@ def test_compiles_foreign_onnx_without_calibration(tmp_path, mlp, method):
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["quantized_layers"] == 3
     # bits per weight are the bytes in the file
-    sizes = {}
-    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    for t in proto.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if ext else len(t.raw_data)
-    stored = sum(v for k, v in sizes.items() if ".vq." in k and k.rsplit(".", 1)[-1] in ("codebooks", "codes", "perm", "scales"))
+    stored = stored_vq_bytes(out / "model.onnx")
     assert report["summary"]["stored_bytes"] == stored
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert report["summary"]["bits_per_weight"] == pytest.approx(stored * 8 / report["summary"]["quantized_weights"])
     assert sum(n.domain == "mgvq" for n in proto.graph.node) == 3  # the custom op is the default
     x = np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)

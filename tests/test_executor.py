@@ -10,6 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from _models import export_to_ir, load_smollm2_fast, parameter_sources, tiny_llama, tiny_whisper
+from vq_helpers import rel_err
 from mgvq_compile.calibration.executor import GraphExecutor, check_supported
 from mgvq_compile.calibration.ops import register_op
 from mgvq_compile.errors import CalibrationError, UnsupportedOpError
@@ -25,10 +26,6 @@ def exported(name: str):
         _EXPORTS[name] = (model, inputs, export_to_ir(model, inputs, ["logits"]))
     return _EXPORTS[name]
 
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def ort_run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
@@ -64,7 +61,7 @@ def test_forward_matches_ort_on_tiny_exports(name):
         out = GraphExecutor(graph).run(feeds)
     (expected, *_rest) = ort_run(graph, feeds)
     assert out["logits"].dtype == torch.float32 and tuple(out["logits"].shape) == expected.shape
-    assert rel(out["logits"].numpy(), expected) < 1e-4
+    assert rel_err(out["logits"].numpy(), expected) < 1e-4
 
 
 @pytest.mark.real_model
@@ -77,7 +74,7 @@ def test_real_smollm2_forward_matches_ort_and_gradients_match_torch():
     executor = GraphExecutor(graph, trainable=names)
     assert sum(t.requires_grad for t in executor.weights.values()) == len(names)
     logits = executor.run({"input_ids": ids.numpy()})["logits"]
-    assert rel(logits.detach().numpy(), ort_run(graph, {"input_ids": ids.numpy()})[0]) < 1e-4
+    assert rel_err(logits.detach().numpy(), ort_run(graph, {"input_ids": ids.numpy()})[0]) < 1e-4
 
     labels = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     ce_loss(logits, labels).backward()
@@ -85,7 +82,7 @@ def test_real_smollm2_forward_matches_ort_and_gradients_match_torch():
     ce_loss(model(input_ids=ids, use_cache=False).logits, labels).backward()
     params = dict(model.named_parameters())
     for name in names:
-        assert rel(executor.weights[name].grad.numpy(), params[name].grad.numpy()) < 1e-4, name
+        assert rel_err(executor.weights[name].grad.numpy(), params[name].grad.numpy()) < 1e-4, name
 
 
 def test_standard_ops_graph_matches_ort():
@@ -121,8 +118,8 @@ def test_standard_ops_graph_matches_ort():
     with torch.no_grad():
         out = GraphExecutor(model).run(feeds)
     expected = ort_run(model, feeds)
-    assert rel(out["y"].numpy(), expected[0]) < 1e-5
-    assert rel(out["z"].numpy(), expected[1]) < 1e-5
+    assert rel_err(out["y"].numpy(), expected[0]) < 1e-5
+    assert rel_err(out["z"].numpy(), expected[1]) < 1e-5
 
 
 def test_decomposed_vq_graph_matches_ort_with_uint8_indices():
@@ -162,7 +159,7 @@ def test_decomposed_vq_graph_matches_ort_with_uint8_indices():
     assert executor.weights["idx"].dtype == torch.uint8 and not executor.weights["idx"].requires_grad
     assert executor.weights["codebook"].requires_grad
     y = executor.run({"x": x})["y"]
-    assert rel(y.detach().numpy(), ort_run(model, {"x": x})[0]) < 1e-6
+    assert rel_err(y.detach().numpy(), ort_run(model, {"x": x})[0]) < 1e-6
     y.sum().backward()  # gradients reach the codebook through the gathers
     assert executor.weights["codebook"].grad is not None and executor.weights["codebook"].grad.abs().sum() > 0
 
@@ -187,7 +184,7 @@ def test_half_precision_and_int_values_keep_their_dtypes():
     out = GraphExecutor(model).run({"x": x})
     assert out["y"].dtype == torch.float16 and out["shape2"].dtype == torch.int64
     assert out["shape2"].tolist() == [4, 4] and not out["shape2"].requires_grad
-    assert rel(out["y"].detach().float().numpy(), ort_run(model, {"x": x})[0].astype(np.float32)) < 2e-3
+    assert rel_err(out["y"].detach().float().numpy(), ort_run(model, {"x": x})[0].astype(np.float32)) < 2e-3
 
 
 # --- backward against torch eager autograd --------------------------------------------------------
@@ -214,7 +211,7 @@ def test_weight_gradients_match_torch_autograd(name):
         got = executor.weights[init_name].grad
         got = got.T if is_transposed else got
         assert got is not None and got.shape == expected.shape, init_name
-        assert rel(got.numpy(), expected.numpy()) < 1e-4, (init_name, param_name)
+        assert rel_err(got.numpy(), expected.numpy()) < 1e-4, (init_name, param_name)
         compared += 1
         transposed += is_transposed
     linear = sum(1 for n, p in params.items() if p.dim() == 2 and p.grad is not None and "embed" not in n)
@@ -231,7 +228,7 @@ def test_keep_returns_intermediates_with_gradients():
     y, x = out[y_name], out[x_name]
     assert y.grad is not None and y.grad.shape == y.shape and torch.count_nonzero(y.grad) > 0
     expected_weight_grad = x.reshape(-1, x.shape[-1]).T @ y.grad.reshape(-1, y.shape[-1])
-    assert rel(executor.weights[node.inputs[1].name].grad.numpy(), expected_weight_grad.detach().numpy()) < 1e-4
+    assert rel_err(executor.weights[node.inputs[1].name].grad.numpy(), expected_weight_grad.detach().numpy()) < 1e-4
     with pytest.raises(CalibrationError, match="not_a_value"):
         executor.run(numpy_feeds(inputs), keep=["not_a_value"])
 

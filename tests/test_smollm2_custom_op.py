@@ -18,26 +18,11 @@ from _models import load_smollm2_fast
 from mgvq_compile.cli import main
 from mgvq_compile.models.smollm2 import export_causal_lm_onnx
 from mgvq_compile.runtime import create_session
-from vq_helpers import dequantized_weights
+from vq_helpers import dequantized_weights, rel_err, stored_vq_bytes
 
 pytestmark = pytest.mark.real_model
 
 SEQ_LEN = 8
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def stored_initializer_bytes(model_path) -> int:
-    """Bytes of every quantized layer's codes, codebooks, permutation and scales in the written files."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    total = 0
-    for t in proto.graph.initializer:
-        if ".vq." in t.name and t.name.rsplit(".", 1)[-1] in ("codebooks", "codes", "perm", "scales"):
-            external = {e.key: e.value for e in t.external_data}
-            total += int(external["length"]) if external else len(t.raw_data)
-    return total
 
 
 def test_two_bit_smollm2_runs_on_the_custom_op_and_matches_torch(tmp_path):
@@ -51,7 +36,7 @@ def test_two_bit_smollm2_runs_on_the_custom_op_and_matches_torch(tmp_path):
     assert summary["quantized_layers"] == 14
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert sum(n.domain == "mgvq" and n.op_type == "VQGemm" for n in proto.graph.node) == 14
-    assert stored_initializer_bytes(out / "model.onnx") == summary["stored_bytes"]
+    assert stored_vq_bytes(out / "model.onnx") == summary["stored_bytes"]
     assert summary["bits_per_weight"] == pytest.approx(summary["stored_bytes"] * 8 / summary["quantized_weights"])
     assert 2.0 <= summary["bits_per_weight"] < 2.01
 
@@ -68,5 +53,5 @@ def test_two_bit_smollm2_runs_on_the_custom_op_and_matches_torch(tmp_path):
     with torch.no_grad():
         expected = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
         float_logits = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-    assert relative_error(logits, expected) < 1e-4
-    assert relative_error(logits, float_logits) > 1e-2  # the weights really are the 2-bit ones
+    assert rel_err(logits, expected) < 1e-4
+    assert rel_err(logits, float_logits) > 1e-2  # the weights really are the 2-bit ones

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -17,7 +16,7 @@ from mgvq_compile.capture.tiny_vlms import ARCHITECTURES, tiny_vlm
 from mgvq_compile.calibration.executor import GraphExecutor
 from mgvq_compile.capture.vlm import capture_vlm
 from mgvq_compile.runtime import create_session
-from vq_helpers import dequantized_weights
+from vq_helpers import dequantized_weights, rel_err
 
 GRADIENT_RECIPE = (
     "mgvq_recipe: 1\nmethod: kmeans-vq-calibrated\npasses:\n"
@@ -29,9 +28,6 @@ LANGUAGE_MODULES = (".language_model.", ".text_model.")
 VISION_MODULES = (".visual.", ".vision_tower.", ".vision_model.", ".multi_modal_projector.", ".connector.")
 
 
-def rel(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
 
 def check_executor_against_ort_and_autograd(model, inputs, graph, feed, labels):
     """The calibration executor on the captured graph: forward equals ORT, weight gradients equal torch's."""
@@ -39,7 +35,7 @@ def check_executor_against_ort_and_autograd(model, inputs, graph, feed, labels):
     (ort_logits,) = session.run(["logits"], feed)
     executor = GraphExecutor(graph)
     logits = executor.run(feed)["logits"]
-    assert rel(logits.detach().numpy(), ort_logits) < 1e-4
+    assert rel_err(logits.detach().numpy(), ort_logits) < 1e-4
     loss = lambda out: torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), ignore_index=-100)  # noqa: E731
     loss(logits).backward()
     model.zero_grad()
@@ -56,7 +52,7 @@ def check_executor_against_ort_and_autograd(model, inputs, graph, feed, labels):
             continue
         got = executor.weights[name].grad
         got = got.T if stored_transposed else got
-        assert rel(got.numpy(), params[name].grad.numpy()) < 1e-4, name
+        assert rel_err(got.numpy(), params[name].grad.numpy()) < 1e-4, name
         compared["text" if any(k in name for k in LANGUAGE_MODULES) else "vision"] += 1
     assert compared["vision"] > 0 and compared["text"] > 0, compared
     model.zero_grad()
@@ -99,5 +95,5 @@ def test_vlm_compiles_and_runs_in_ort(tmp_path, arch):
         for name, weight in dequantized_weights(out).items():
             params[name].copy_(torch.from_numpy(weight))
         torch_logits = model(**inputs, use_cache=False).logits.numpy()
-    assert rel(ort_logits, torch_logits) < 1e-4
-    assert rel(ort_logits, reference_logits.numpy()) > 1e-3  # the weights really changed
+    assert rel_err(ort_logits, torch_logits) < 1e-4
+    assert rel_err(ort_logits, reference_logits.numpy()) > 1e-3  # the weights really changed

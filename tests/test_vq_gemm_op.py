@@ -15,6 +15,7 @@ from mgvq_compile import runtime
 from mgvq_compile.errors import MgvqError
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQWeight, emit_decomposed_weight, vqgemm_reference
 from test_vqgemm import random_weight
+from vq_helpers import rel_err
 
 
 @pytest.fixture()
@@ -79,9 +80,6 @@ def decomposed_model(weight: VQWeight, batch_shape: tuple[int, ...], bias: np.nd
     matmul.replace_input_with(1, dense_t)
     return ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString()
 
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b))
 
 
 def nonzero_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -36,18 +36,19 @@ class LayerStatistics:
     cross_sum: torch.Tensor | None = None  # sum_t w_t x^f_t x_t^T, weighted like input_hessian
 
     @property
+    def _has_h_i(self) -> bool:
+        return self.h_i_sum is not None and self.importance_total > 0.0
+
+    @property
     def input_cross_moment(self) -> torch.Tensor | None:
         """C in the scale of ``input_hessian`` (so that W C H^-1 = W when the inputs agree)."""
         if self.cross_sum is None:
             return None
-        weighted = self.h_i_sum is not None and self.importance_total > 0.0  # as h_i, without forming it
-        return self.cross_sum / self.importance_total if weighted else self.cross_sum
+        return self.cross_sum / self.importance_total if self._has_h_i else self.cross_sum
 
     @property
     def h_i(self) -> torch.Tensor | None:
-        if self.h_i_sum is None or self.importance_total <= 0.0:
-            return None
-        return self.h_i_sum / self.importance_total
+        return self.h_i_sum / self.importance_total if self._has_h_i else None
 
     @property
     def input_hessian(self) -> torch.Tensor:
