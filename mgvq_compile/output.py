@@ -11,12 +11,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 
 from mgvq_compile.errors import InputError
+from mgvq_compile.vqgemm import decode_from_stored
 
-__all__ = ["check_output_dir", "write_output_dir", "stored_initializer_bytes", "graph_file_name"]
+__all__ = ["check_output_dir", "write_output_dir", "stored_initializer_bytes", "graph_file_name", "dequantized_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +89,26 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def dequantized_weights(out: str | os.PathLike, graph_file: str = "model.onnx") -> dict[str, np.ndarray]:
+    """Layer name (the original initializer) -> W [m, n] decoded from the arrays stored in the output."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text())
+    compiled = onnx.load(str(out / graph_file))
+    arrays = {t.name: numpy_helper.to_array(t) for t in compiled.graph.initializer}
+    weights = {}
+    for layer in report["layers"]:
+        if not layer["quantized"]:
+            continue
+        prefix = layer["name"] + ".vq."
+        attributes = {
+            "out_features": layer["shape"][0], "in_features": layer["shape"][1], "vector_dim": layer["vector_dim"],
+            "group_bounds": layer["group_bounds"], "group_bits": layer["bits"],
+            "scale_group_size": layer["scale_group_size"] or 0,
+        }
+        weights[layer["name"]] = decode_from_stored(
+            attributes, arrays[prefix + "codebooks"], arrays[prefix + "codes"],
+            arrays.get(prefix + "perm"), arrays.get(prefix + "scales"),
+        )
+    return weights

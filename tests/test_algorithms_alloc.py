@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from fractions import Fraction
@@ -406,6 +407,32 @@ def test_compensated_distortion_keeps_insensitive_groups_off_one_bit() -> None:
         assert total <= budget
         assert all(b == 4 or group_cost_bits(g, b + 1) - group_cost_bits(g, b) > budget - total
                    for g, b in zip(groups, bits))
+
+
+def test_minimum_widths_hold_and_the_budget_is_still_met() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        groups, budget, overhead = _random_problem(rng)
+        floors = [int(rng.choice([0, 0, 2, 3])) for _ in groups]
+        groups = [dataclasses.replace(g, min_bits=f) for g, f in zip(groups, floors)]
+        narrowest = [max(1, f) for f in floors]
+        if stored_bits(groups, narrowest, overhead) > budget:
+            with pytest.raises(RecipeError, match="narrowest allowed"):
+                allocate_bits_total(groups, budget, overhead_bits=overhead)
+            continue
+        bits = allocate_bits_total(groups, budget, overhead_bits=overhead)
+        total = stored_bits(groups, bits, overhead)
+        assert total <= budget
+        assert all(b >= f for b, f in zip(bits, floors))
+        assert all(b == 4 or group_cost_bits(g, b + 1) - group_cost_bits(g, b) > budget - total
+                   for g, b in zip(groups, bits))
+    # The least sensitive group would take 1 bit; its floor lifts it to 2 and the others pay.
+    groups = [GroupSpec(count=4096 * 256, sensitivity=s, d=2, codebook=False) for s in (1.0, 5.0, 6.0)]
+    assert allocate_bits(groups, 2.0) == [1, 2, 3]
+    floored = [dataclasses.replace(groups[0], min_bits=2), *groups[1:]]
+    assert allocate_bits(floored, 2.0) == [2, 2, 2]
+    with pytest.raises(RecipeError, match="exceeds the widest"):
+        allocate_bits([dataclasses.replace(groups[0], min_bits=4)], 2.0, allowed=(1, 2, 3))
 
 
 def test_allocation_report_and_infeasible_budget() -> None:

@@ -288,3 +288,15 @@ def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
     text = "\n".join(kernels._layouts_section(result))
     assert "3 quantized layers" in text and "1 bits 40%" in text
     assert "Skipped: no report" in "\n".join(kernels._layouts_section({"skipped": "no report"}))
+
+
+def test_layer_subsets_refuses_bad_arguments(tmp_path, capsys):
+    import layer_subsets
+
+    for argv, message in (([str(tmp_path)], "is not an mgvq-compile output"),
+                          ([str(tmp_path), "--subset", "no-equals-sign"], "is not LABEL=REGEX")):
+        with pytest.raises(SystemExit) as exit_info:
+            layer_subsets.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert all("=" in subset for subset in layer_subsets.DEFAULT_SUBSETS)

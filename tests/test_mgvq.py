@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 
@@ -144,3 +146,66 @@ def test_distortion_model_reaches_the_allocation(tmp_path):
     flat_start = bits("flat-start", "--set", "assign-bits.distortion_steps=[1.01,4,4]")
     ones = [sum(b == 1 for layer in widths for b in layer) for widths in (named, flat_start)]
     assert ones[1] > ones[0], (named, flat_start)
+
+
+def test_min_bits_floors_the_named_layers_within_the_budget(tmp_path, capsys):
+    mlp, calib = _mlp_with_calibration(tmp_path)
+    _out, free = _compile_mgvq(tmp_path, mlp, calib, "free")
+    names = [layer["name"] for layer in free["layers"]]
+    starved = min(free["layers"], key=lambda layer: sum(layer["bits"]))  # the layer the allocation starves
+    assert min(starved["bits"]) == 1
+    rule = f"^{re.escape(starved['name'])}$=2"
+    _out, floored = _compile_mgvq(tmp_path, mlp, calib, "floored", "--set", f"assign-bits.min_bits={json.dumps([rule])}")
+    by_name = {layer["name"]: layer["bits"] for layer in floored["layers"]}
+    assert list(by_name) == names
+    assert min(by_name[starved["name"]]) >= 2
+    assert floored["summary"]["bits_per_weight"] <= 2.0
+    others = [b for name, bits in by_name.items() if name != starved["name"] for b in bits]
+    free_others = [b for layer in free["layers"] if layer["name"] != starved["name"] for b in layer["bits"]]
+    assert sum(others) < sum(free_others)  # the other layers paid for the floor
+
+    capsys.readouterr()
+    for rule, message in (("no_such_layer=2", "no layer name matches"), ("q_proj", "is not REGEX=BITS"),
+                          ("(=2", "is not REGEX=BITS"), (".=4", "not an allowed width")):
+        assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "-o", tmp_path / "bad", "--work-dir", tmp_path / "work",
+                       "--set", f"assign-bits.min_bits={json.dumps([rule])}") == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_query_and_key_projections_get_at_least_the_budget_bits(tmp_path):
+    mlp, calib = _mlp_with_calibration(tmp_path)
+    off = ("--set", "assign-bits.query_key_floor=false")
+    _out, free = _compile_mgvq(tmp_path, mlp, calib, "free", *off)
+    starved = min(free["layers"], key=lambda layer: sum(layer["bits"]))["name"]
+    assert min(next(layer["bits"] for layer in free["layers"] if layer["name"] == starved)) == 1
+    renamed = "block.attn.q_proj.weight"  # the same model, its starved layer named as a query projection
+    proto = onnx.load(str(mlp))
+    next(init for init in proto.graph.initializer if init.name == starved).name = renamed
+    for node in proto.graph.node:
+        node.input[:] = [renamed if name == starved else name for name in node.input]
+    onnx.save(proto, str(tmp_path / "attn.onnx"))
+
+    _out, unfloored = _compile_mgvq(tmp_path, tmp_path / "attn.onnx", calib, "unfloored", *off)
+    assert [layer["bits"] for layer in unfloored["layers"]] == [layer["bits"] for layer in free["layers"]]
+    _out, floored = _compile_mgvq(tmp_path, tmp_path / "attn.onnx", calib, "floored")
+    query = next(layer for layer in floored["layers"] if layer["name"] == renamed)
+    assert min(query["bits"]) == 2
+    assert floored["summary"]["bits_per_weight"] <= 2.0
+    _out, uniform = _compile_mgvq(tmp_path, tmp_path / "attn.onnx", calib, "no-alloc-floor", "--set",
+                                  "assign-bits.uniform=true", "--set", "assign-bits.groups=1")
+    assert all(layer["bits"] == [2] for layer in uniform["layers"])  # uniform widths: the floor is moot
+
+
+@pytest.mark.parametrize("name, is_query_or_key", [
+    ("model.decoder.layers.0.encoder_attn.q_proj.weight", True), ("model.layers.3.self_attn.k_proj.weight", True),
+    ("encoder.layer.0.attention.self.query.weight", True), ("model.layers.3.self_attn.v_proj.weight", False),
+    ("model.layers.3.self_attn.o_proj.weight", False), ("keyboard.weight", False), ("onnx::MatMul_12", False),
+])
+def test_query_key_names(name, is_query_or_key):
+    from mgvq_compile.passes.assign_bits import QUERY_KEY_PATTERN, AssignBitsConfig
+
+    assert bool(QUERY_KEY_PATTERN.search(name)) == is_query_or_key
+    assert (AssignBitsConfig().query_key_bits, AssignBitsConfig(bits=3.0).query_key_bits) == (2, 3)
+    assert AssignBitsConfig(bits=2.5, allowed_bits=(1, 3)).query_key_bits == 3
+    assert AssignBitsConfig(query_key_floor=False).query_key_bits == 0

@@ -127,10 +127,13 @@ class GroupSpec:
     d: int = 4
     fixed_bits: int = 0
     codebook: bool = True  # False: the codebook is shared and counted in ``overhead_bits`` instead
+    min_bits: int = 0  # the narrowest width this group may get (0: any allowed width)
 
     def __post_init__(self) -> None:
         if self.count <= 0 or self.d <= 0 or self.count % self.d:
             raise ValueError(f"a group needs a positive count divisible by d, got count={self.count}, d={self.d}")
+        if self.min_bits < 0:
+            raise ValueError(f"min_bits must be non-negative, got {self.min_bits}")
         if not self.sensitivity >= 0.0 or math.isinf(self.sensitivity):
             raise ValueError(f"sensitivity must be finite and non-negative, got {self.sensitivity}")
         if self.fixed_bits < 0:
@@ -176,9 +179,9 @@ def _sort_within_identical(groups: Sequence[GroupSpec], choice: np.ndarray) -> n
     This makes "more sensitive never gets fewer bits" hold even on floating-point near-ties.
     """
     out = choice.copy()
-    classes: dict[tuple[int, int, int, bool], list[int]] = {}
+    classes: dict[tuple[int, int, int, bool, int], list[int]] = {}
     for i, g in enumerate(groups):
-        classes.setdefault((g.count, g.d, g.fixed_bits, g.codebook), []).append(i)
+        classes.setdefault((g.count, g.d, g.fixed_bits, g.codebook, g.min_bits), []).append(i)
     for members in classes.values():
         if len(members) < 2:
             continue
@@ -255,7 +258,8 @@ def allocate_bits_total(
     overhead_bits: int = 0,
     distortion_steps: Sequence[float] = (),
 ) -> list[int]:
-    """Bit width per group with ``stored_bits(groups, result, overhead_bits) <= budget_bits``.
+    """Bit width per group with ``stored_bits(groups, result, overhead_bits) <= budget_bits``; no group gets
+    less than its ``min_bits``.
 
     Raises :class:`RecipeError` when even the smallest allowed width for every group does not fit.
     """
@@ -264,10 +268,17 @@ def allocate_bits_total(
     widths = sorted({int(b) for b in allowed})
     if not widths or widths[0] <= 0:
         raise RecipeError(f"allowed bit widths must be positive integers, got {list(allowed)}")
+    too_wide = sorted({g.min_bits for g in groups if g.min_bits > widths[-1]})
+    if too_wide:
+        raise RecipeError(f"a group's minimum width {too_wide[-1]} exceeds the widest allowed width {widths[-1]}",
+                          "lower the minimum, or allow wider widths")
     cost = np.array([[group_cost_bits(g, b) for b in widths] for g in groups], dtype=np.int64)
     d_of_width = [relative_distortion(b, distortion_steps) for b in widths]
-    loss = np.array([[g.sensitivity * g.count * d_b for d_b in d_of_width] for g in groups])
+    # A width below a group's minimum has infinite loss: no choice, exchange or fill ever takes it.
+    loss = np.array([[g.sensitivity * g.count * d_b if b >= g.min_bits else math.inf
+                      for b, d_b in zip(widths, d_of_width)] for g in groups])
     rows = np.arange(len(groups))
+    narrowest = np.array([next(j for j, b in enumerate(widths) if b >= g.min_bits) for g in groups])
     available = budget_bits - overhead_bits
 
     def total(choice: np.ndarray) -> int:
@@ -276,11 +287,12 @@ def allocate_bits_total(
     def choose(lam: float) -> np.ndarray:
         return np.argmin(loss + lam * cost, axis=1)  # ties go to the narrower width
 
-    if int(cost[:, 0].sum()) > available:
+    if total(narrowest) > available:
         raise RecipeError(
-            f"a budget of {budget_bits} bits cannot hold even {widths[0]}-bit codes and their codebooks "
-            f"({int(cost[:, 0].sum()) + overhead_bits} bits)",
-            "raise the average-bit budget, allow a smaller width, or use fewer/larger channel groups",
+            f"a budget of {budget_bits} bits cannot hold even the narrowest allowed codes and their codebooks "
+            f"({total(narrowest) + overhead_bits} bits)",
+            "raise the average-bit budget, lower the groups' minimum widths (assign-bits.min_bits), allow a "
+            "smaller width, or use fewer/larger channel groups",
         )
     choice = choose(0.0)
     if total(choice) > available:
@@ -290,7 +302,7 @@ def allocate_bits_total(
             if hi > 1e300:  # cannot happen while costs strictly grow with b; kept as a guard
                 hi = math.inf
                 break
-        choice = choose(hi) if math.isfinite(hi) else np.zeros(len(groups), dtype=np.int64)
+        choice = choose(hi) if math.isfinite(hi) else narrowest.copy()
         if math.isfinite(hi):
             for _ in range(_BISECTION_STEPS):
                 mid = 0.5 * (lo + hi) if lo == 0.0 else math.sqrt(lo * hi)
