@@ -37,9 +37,9 @@ DEFAULT_SUBSETS = (
 
 
 def evaluate_subsets(out_dir: Path, subsets: list[tuple[str, str]]) -> list[dict]:
-    from mgvq_compile.calibration.data import novel_sentences, read_novel
+    from mgvq_compile.calibration.data import next_token_labels, novel_sentences, read_novel
     from mgvq_compile.calibration.speech import SAMPLE_RATE, synthesize_speech
-    from mgvq_compile.evaluate import word_errors
+    from mgvq_compile.evaluate import token_nll, word_errors
     from mgvq_compile.models.whisper_ct2 import (
         DECODER_PROMPT, greedy_decode, load_whisper_tiny_en, suppress_token_ids, whisper_feature_extractor,
     )
@@ -65,11 +65,10 @@ def evaluate_subsets(out_dir: Path, subsets: list[tuple[str, str]]) -> list[dict
         nll = tokens = errors = words = 0
         with torch.no_grad():
             for ref, feats in zip(references, features):
-                ids = torch.tensor([tokenizer(ref)["input_ids"][:settings.whisper_decoder_len]])
-                log_probs = torch.log_softmax(subject(input_features=feats, decoder_input_ids=ids).logits[0].double(), -1)
-                targets = ids[0, len(DECODER_PROMPT):]
-                nll -= log_probs[len(DECODER_PROMPT) - 1:-1].gather(1, targets[:, None]).sum().item()
-                tokens += targets.numel()
+                ids = np.asarray([tokenizer(ref)["input_ids"][:settings.whisper_decoder_len]], dtype=np.int64)
+                logits = subject(input_features=feats, decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
+                sentence_nll, n = token_nll(logits, next_token_labels(ids, first_target=len(DECODER_PROMPT)))
+                nll, tokens = nll + sentence_nll, tokens + n
                 hyp = tokenizer.decode(greedy_decode(subject, feats, max_new_tokens=budget, suppress=suppress),
                                        skip_special_tokens=True)
                 e, w = word_errors(ref, hyp)

@@ -4,6 +4,7 @@ and allocate bit widths to all groups of the model under one budget that counts 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 
@@ -102,7 +103,7 @@ class AssignBitsConfig(PassConfig):
             raise RecipeError("assign-bits min_bits has no effect with uniform widths",
                               "drop min_bits, or allocate (uniform=false)")
 
-    @property
+    @functools.cached_property
     def min_bits_rules(self) -> list[tuple[re.Pattern, int]]:
         rules = []
         for rule in self.min_bits:

@@ -203,9 +203,14 @@ def test_query_and_key_projections_get_at_least_the_budget_bits(tmp_path):
     ("model.layers.3.self_attn.o_proj.weight", False), ("keyboard.weight", False), ("onnx::MatMul_12", False),
 ])
 def test_query_key_names(name, is_query_or_key):
-    from mgvq_compile.passes.assign_bits import QUERY_KEY_PATTERN, AssignBitsConfig
+    from mgvq_compile.passes.assign_bits import QUERY_KEY_PATTERN
 
     assert bool(QUERY_KEY_PATTERN.search(name)) == is_query_or_key
+
+
+def test_query_key_floor_width():
+    from mgvq_compile.passes.assign_bits import AssignBitsConfig
+
     assert (AssignBitsConfig().query_key_bits, AssignBitsConfig(bits=3.0).query_key_bits) == (2, 3)
     assert AssignBitsConfig(bits=2.5, allowed_bits=(1, 3)).query_key_bits == 3
     assert AssignBitsConfig(query_key_floor=False).query_key_bits == 0
