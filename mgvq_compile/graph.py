@@ -23,6 +23,7 @@ __all__ = [
     "find_linear_layers",
     "input_modalities",
     "tag_modalities",
+    "attention_query_key_layers",
     "model_fingerprint",
     "weight_matrix",
     "with_weights",
@@ -214,6 +215,65 @@ def tag_modalities(model: ir.Model, layers: list[LinearLayer]) -> dict[str, str]
         else:
             tags[layer.key] = "other"
     return tags
+
+
+_PRODUCTS = ("MatMul", "Gemm")
+# Fused attention ops whose inputs 0 and 1 are the queries and keys (ONNX opset 23, ORT contrib ops).
+_FUSED_ATTENTION = {("", "Attention"), ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "GroupQueryAttention")}
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None or value.is_initializer() or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _nearest_products(value: ir.Value | None) -> set[ir.Node]:
+    """The MatMul/Gemm nodes met first walking up from ``value`` (through reshapes, transposes, rotary
+    embeddings, norms, scaling), stopping at each."""
+    found: set[ir.Node] = set()
+    stack, seen = [value], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        node = current.producer()
+        if node is None:
+            continue
+        if node.op_type in _PRODUCTS and node.domain in ("", "ai.onnx"):
+            found.add(node)
+        else:
+            stack.extend(node.inputs)
+    return found
+
+
+def attention_query_key_layers(model: ir.Model, layers: Iterable[LinearLayer]) -> set[str]:
+    """Keys of the layers whose outputs are the queries and keys of an attention: found by structure, so
+    anonymous weight names (``val_12``, ``onnx::MatMul_7``) are covered.
+
+    An attention's scores are a MatMul of two activations whose product reaches a Softmax through
+    elementwise ops (scaling, masking); the projections feeding its two inputs are the query and key
+    layers. Fused attention ops (opset 23 ``Attention``, ORT's ``MultiHeadAttention`` and
+    ``GroupQueryAttention``) name their queries and keys as inputs 0 and 1.
+    """
+    graph = model.graph
+    layer_of_node: dict[ir.Node, str] = {}
+    for layer in layers:
+        value = graph.initializers.get(layer.weight)
+        if value is not None and len(value.uses()) == 1:
+            layer_of_node[value.uses()[0].node] = layer.key
+    query_key_inputs: list[ir.Value | None] = []
+    for node in graph:
+        if (node.domain, node.op_type) in _FUSED_ATTENTION:
+            query_key_inputs += list(node.inputs[:2])
+        elif node.op_type == "Softmax":
+            for scores in _nearest_products(node.inputs[0]):
+                if scores not in layer_of_node and not any(_is_constant(v) for v in scores.inputs[:2]):
+                    query_key_inputs += list(scores.inputs[:2])
+    return {layer_of_node[product] for value in query_key_inputs for product in _nearest_products(value)
+            if product in layer_of_node}
 
 
 def model_fingerprint(models: Mapping[str, ir.Model]) -> str:

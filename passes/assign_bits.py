@@ -20,7 +20,7 @@ from mgvq_compile.algorithms.allocation import (
 from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivity, group_sensitivities, local_sensitivity
 from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
-from mgvq_compile.graph import weight_matrix
+from mgvq_compile.graph import attention_query_key_layers, weight_matrix
 from mgvq_compile.passes._common import MAX_CODE_BITS, layer_hessian
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 
@@ -29,7 +29,8 @@ __all__ = ["AssignBitsConfig", "AssignBits", "LayerAllocation"]
 logger = logging.getLogger(__name__)
 
 PERM_BITS = 32  # the column permutation is stored as int32
-# Weight names of attention query and key projections (Hugging Face naming: q_proj / k_proj, query / key).
+# Weight names of attention query and key projections (Hugging Face naming: q_proj / k_proj, query / key);
+# the floor also finds them by graph structure (graph.attention_query_key_layers), for anonymous names.
 QUERY_KEY_PATTERN = re.compile(r"(^|[./_])(q_proj|k_proj|query|key)([./_]|$)")
 # The allocation's loss model D(b) by name: its steps loss(b) / loss(b + 1) from 1 bit (see
 # allocation.relative_distortion; () is the high-rate law 2^(-2b)); "measured" takes the steps of the
@@ -50,7 +51,9 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    VERSION = 10  # 10: min_bits, query_key_floor; 9: allowed widths near the budget by default; 8: the distortion model
+    # 11: query/key projections also found by structure; 10: min_bits, query_key_floor; 9: allowed widths
+    # near the budget by default; 8: the distortion model
+    VERSION = 11
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
@@ -75,7 +78,8 @@ class AssignBitsConfig(PassConfig):
     # Floors on the widths of chosen layers, each "REGEX=BITS": every channel group of a layer whose weight
     # name matches REGEX (re.search) gets at least BITS bits; the first matching rule counts.
     min_bits: tuple[str, ...] = ()
-    # Attention query and key projections (QUERY_KEY_PATTERN) get at least the budget's whole bits, as in
+    # Attention query and key projections (the layers feeding an attention's Q K^T product, found in the
+    # graph, or named as in QUERY_KEY_PATTERN) get at least the budget's whole bits, as in
     # the uniform methods. Their errors multiply in the attention logits, which the per-layer loss model
     # cannot see: Whisper tiny.en, mgvq 2 bits, seed 1, with the decoded weights of only some layers in
     # the float model (benchmarks/layer_subsets.py): cross-attention queries alone NLL 1.40, keys alone
@@ -171,6 +175,11 @@ class AssignBits(Pass):
         layouts = {}
         matched = set()
         query_key_layers = 0
+        structural_query_keys = set()
+        if cfg.query_key_bits:
+            for graph_name, model in ctx.models.items():
+                graph_layers = [layer for layer in ctx.layers if layer.graph == graph_name]
+                structural_query_keys |= attention_query_key_layers(model, graph_layers)
         for layer in ctx.progress(ctx.layers, desc="sensitivity"):
             m, n = layer.out_features, layer.in_features
             if n % cfg.vector_dim:
@@ -189,7 +198,7 @@ class AssignBits(Pass):
             floor = cfg.min_bits_of(layer.weight)
             if floor:
                 matched.add(layer.weight)
-            if cfg.query_key_bits and QUERY_KEY_PATTERN.search(layer.weight):
+            if cfg.query_key_bits and (layer.key in structural_query_keys or QUERY_KEY_PATTERN.search(layer.weight)):
                 floor = max(floor, cfg.query_key_bits)
                 query_key_layers += 1
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 import yaml
 
@@ -214,3 +216,55 @@ def test_query_key_floor_width():
     assert (AssignBitsConfig().query_key_bits, AssignBitsConfig(bits=3.0).query_key_bits) == (2, 3)
     assert AssignBitsConfig(bits=2.5, allowed_bits=(1, 3)).query_key_bits == 3
     assert AssignBitsConfig(query_key_floor=False).query_key_bits == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _anonymous_export(arch: str):
+    """A tiny random model exported as torch.onnx does by default (optimize=True): its linear weights are
+    anonymous ``val_N`` initializers. (ir model, layers, keys of its query/key projections by parameter name)."""
+    from _models import export_to_ir, parameter_sources, tiny_llama, tiny_whisper
+
+    from mgvq_compile.graph import find_linear_layers
+    from mgvq_compile.passes.assign_bits import QUERY_KEY_PATTERN
+
+    model, inputs = {"llama": tiny_llama, "whisper": tiny_whisper}[arch]()
+    graph = export_to_ir(model, inputs)
+    layers = find_linear_layers(graph)
+    sources = parameter_sources(graph, {name for name, _ in model.named_parameters()})
+    assert not any(QUERY_KEY_PATTERN.search(layer.weight) for layer in layers)  # names do not tell
+    truth = {layer.key for layer in layers if QUERY_KEY_PATTERN.search(sources[layer.weight][0])}
+    return graph, inputs, layers, truth
+
+
+@pytest.mark.parametrize("arch, count", [("llama", 4), ("whisper", 6)])  # whisper: self- and cross-attention
+def test_query_and_key_projections_found_by_structure(tmp_path, arch, count):
+    from mgvq_compile.graph import attention_query_key_layers, find_linear_layers, load_onnx
+
+    graph, _inputs, layers, truth = _anonymous_export(arch)
+    assert len(truth) == count
+    assert attention_query_key_layers(graph, layers) == truth
+    mlp = load_onnx(save_mlp(tmp_path / "mlp.onnx", hidden=64))
+    assert attention_query_key_layers(mlp, find_linear_layers(mlp)) == set()  # no attention, no floor
+
+
+def test_the_query_key_floor_holds_for_anonymous_weight_names(tmp_path):
+    graph, inputs, _layers, truth = _anonymous_export("llama")
+    onnx_ir.save(graph, str(tmp_path / "llama.onnx"))
+    calib_dir = tmp_path / "calib"
+    calib_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        ids = rng.integers(0, 128, size=inputs["input_ids"].shape).astype(np.int64)
+        labels = np.roll(ids, -1, axis=1)
+        labels[:, -1] = -100
+        np.savez(calib_dir / f"{i}.npz", input_ids=ids, labels=labels)
+
+    def query_key_bits(report) -> list[int]:
+        return [min(layer["bits"]) for layer in report["layers"] if layer["name"] in truth]
+
+    _out, free = _compile_mgvq(tmp_path, tmp_path / "llama.onnx", calib_dir, "free",
+                               "--set", "assign-bits.query_key_floor=false")
+    assert min(query_key_bits(free)) == 1  # the allocation starves some of them
+    _out, floored = _compile_mgvq(tmp_path, tmp_path / "llama.onnx", calib_dir, "floored")
+    assert min(query_key_bits(floored)) >= 2
+    assert floored["summary"]["bits_per_weight"] <= 2.0
