@@ -11,8 +11,8 @@ from mgvq_compile.api import _new_context
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import load_onnx, weight_matrix, with_weights
 from mgvq_compile.passes.collect_stats import CollectStats, CollectStatsConfig
-from mgvq_compile.passes.compensate import CompensateConfig, sequential_stages
-from test_mgvq import _compile_mgvq, _mlp_with_calibration
+from mgvq_compile.passes.compensate import CompensateConfig, encoder_stage_end, sequential_stages
+from test_mgvq import _compile_mgvq, _mlp_with_calibration, _save_anonymous_with_calibration
 
 
 def test_stages_are_consecutive_and_nearly_equal():
@@ -22,6 +22,47 @@ def test_stages_are_consecutive_and_nearly_equal():
     assert sequential_stages(layers, 10) == [[i] for i in layers]  # never an empty stage
     with pytest.raises(RecipeError, match="sequential_stages"):
         CompensateConfig(sequential_stages=0)
+    assert sequential_stages(layers, 1, cut=3) == [[0, 1, 2], [3, 4, 5, 6]]  # the encoder's end is a cut too
+    assert sequential_stages(layers, 3, cut=2) == [[0, 1], [2, 3, 4], [5, 6]]  # already one
+    assert sequential_stages(layers, 3, cut=4) == [[0, 1], [2, 3], [4], [5, 6]]
+    assert sequential_stages(layers, 1, cut=7) == [layers]
+
+
+@pytest.mark.parametrize("modalities, end", [
+    (["audio", "audio", "text", "audio", "text"], 2),  # Whisper: encoder, then the decoder (cross k/v read audio)
+    (["vision", "vision", "vision", "text"], 3),  # a VLM: vision tower and projector, then the language model
+    (["text", "text"], 0),  # a language model: nothing to stage
+    (["other", "other"], 0),  # no text layer at all
+    (["text", "vision", "text"], 0),
+])
+def test_the_encoder_stage_ends_at_the_first_text_layer(modalities, end):
+    class Layer:
+        def __init__(self, key):
+            self.key = key
+
+    layers = [Layer(f"w{i}") for i in range(len(modalities))]
+    assert encoder_stage_end(layers, {layer.key: m for layer, m in zip(layers, modalities)}) == end
+
+
+def test_an_encoder_decoder_compiles_its_encoder_first(tmp_path):
+    """Tiny Whisper: the decoder's layers are rounded on statistics of the model whose encoder is quantized."""
+    model, calib_dir, _truth = _save_anonymous_with_calibration(tmp_path, "whisper")
+    _out, staged = _compile_mgvq(tmp_path, model, calib_dir, "staged")
+    _out, single = _compile_mgvq(tmp_path, model, calib_dir, "single",
+                                 "--set", "compensate.encoder_stage=false")
+    stages = [layer["sequential_stage"] for layer in staged["layers"]]
+    modalities = [layer["modality"] for layer in staged["layers"]]
+    encoder = modalities.index("text")
+    assert encoder > 0 and set(modalities[:encoder]) == {"audio"}
+    assert stages == [1] * encoder + [2] * (len(stages) - encoder)
+    assert "sequential_stage" not in single["layers"][0]
+    pairs = list(zip(staged["layers"], single["layers"]))
+    assert all(a["proxy_loss"] == b["proxy_loss"] for a, b in pairs[:encoder])  # the encoder: float statistics
+    # The decoder's layers that read the encoder's output (cross-attention keys and values, "audio") or
+    # come after it see the quantized encoder; its first self-attention reads text only and is unchanged.
+    cross = [i for i, (a, _b) in enumerate(pairs) if i >= encoder and a["modality"] == "audio"]
+    assert cross and all(pairs[i][0]["proxy_loss"] != pairs[i][1]["proxy_loss"] for i in cross + [len(pairs) - 1])
+    assert [a["bits"] for a, _b in pairs] == [b["bits"] for _a, b in pairs]  # one allocation
 
 
 def test_statistics_of_a_model_with_replaced_weights_see_those_weights(tmp_path):

@@ -247,24 +247,36 @@ def test_query_and_key_projections_found_by_structure(tmp_path, arch, count):
     assert attention_query_key_layers(mlp, find_linear_layers(mlp)) == set()  # no attention, no floor
 
 
-def test_the_query_key_floor_holds_for_anonymous_weight_names(tmp_path):
-    graph, inputs, _layers, truth = _anonymous_export("llama")
-    onnx_ir.save(graph, str(tmp_path / "llama.onnx"))
+def _save_anonymous_with_calibration(tmp_path, arch: str):
+    """The anonymous export of ``arch`` saved as ``ARCH.onnx``, and a calibration directory for it: random
+    tokens (and features) whose labels are the next tokens. (model path, calibration dir, query/key keys)."""
+    graph, inputs, _layers, truth = _anonymous_export(arch)
+    path = tmp_path / f"{arch}.onnx"
+    onnx_ir.save(graph, str(path))
     calib_dir = tmp_path / "calib"
     calib_dir.mkdir()
     rng = np.random.default_rng(0)
+    ids_name = "decoder_input_ids" if "decoder_input_ids" in inputs else "input_ids"
+    vocab = {"llama": 128, "whisper": 96}[arch]
     for i in range(2):
-        ids = rng.integers(0, 128, size=inputs["input_ids"].shape).astype(np.int64)
-        labels = np.roll(ids, -1, axis=1)
-        labels[:, -1] = -100
-        np.savez(calib_dir / f"{i}.npz", input_ids=ids, labels=labels)
+        feed = {name: rng.standard_normal(value.shape).astype(np.float32)
+                for name, value in inputs.items() if value.is_floating_point()}
+        feed[ids_name] = rng.integers(0, vocab, size=inputs[ids_name].shape).astype(np.int64)
+        feed["labels"] = np.roll(feed[ids_name], -1, axis=1)
+        feed["labels"][:, -1] = -100
+        np.savez(calib_dir / f"{i}.npz", **feed)
+    return path, calib_dir, truth
+
+
+def test_the_query_key_floor_holds_for_anonymous_weight_names(tmp_path):
+    model, calib_dir, truth = _save_anonymous_with_calibration(tmp_path, "llama")
 
     def query_key_bits(report) -> list[int]:
         return [min(layer["bits"]) for layer in report["layers"] if layer["name"] in truth]
 
-    _out, free = _compile_mgvq(tmp_path, tmp_path / "llama.onnx", calib_dir, "free",
+    _out, free = _compile_mgvq(tmp_path, model, calib_dir, "free",
                                "--set", "assign-bits.query_key_floor=false")
     assert min(query_key_bits(free)) == 1  # the allocation starves some of them
-    _out, floored = _compile_mgvq(tmp_path, tmp_path / "llama.onnx", calib_dir, "floored")
+    _out, floored = _compile_mgvq(tmp_path, model, calib_dir, "floored")
     assert min(query_key_bits(floored)) >= 2
     assert floored["summary"]["bits_per_weight"] <= 2.0
