@@ -74,7 +74,7 @@ class CompensateConfig(PassConfig):
     # on statistics (inputs and gradients) collected again with the encoder quantized. One more
     # calibration pass on a multimodal model; nothing on a text-only one. Whisper tiny.en alone: encoder
     # NLL 1.67, decoder 2.09, both 3.01 (float 1.27; benchmarks/layer_subsets.py): their errors compound.
-    # mgvq, 2 bits, seeds 0-2 (--tag encstage): NLL 2.72 +- 0.34 against 2.99 +- 0.28 (every seed), WER
+    # mgvq, 2 bits, seeds 0-2 (--tag encstage): NLL 2.73 +- 0.34 against 2.99 +- 0.28 (every seed), WER
     # 0.92 +- 0.17 against 1.41 +- 0.25, compile 150 s against 46 s from cached float statistics.
     encoder_stage: bool = True
     # In the stages after the first, round toward W C H^-1 instead of W: the weights that map the layer's
