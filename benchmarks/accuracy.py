@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_WORK = ROOT / "benchmarks" / "work" / "accuracy"
 ALL_METHODS = ("rtn", "gptq", "vlmq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
 VQ_METHODS = ("kmeans-vq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
 CALIBRATION_NOVEL = "pride_and_prejudice"
@@ -94,12 +95,17 @@ def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
     return ModelSetup(fp_path, calib_dir, evaluate, "perplexity")
 
 
+def whisper_float_path(work: Path, s: Settings) -> Path:
+    """The float Whisper graph the benchmark compiles and evaluates."""
+    return work / f"whisper-fp32-dec{s.whisper_decoder_len}" / "model.onnx"
+
+
 def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import novel_sentences, read_novel, write_speech_calibration
     from mgvq_compile.evaluate import whisper_eval_ort
     from mgvq_compile.models.whisper_ct2 import export_whisper_onnx, load_whisper_tiny_en, whisper_feature_extractor
 
-    fp_path = work / f"whisper-fp32-dec{s.whisper_decoder_len}" / "model.onnx"
+    fp_path = whisper_float_path(work, s)
     calib_dir = work / f"whisper-calib-{s.whisper_calib_sentences}-seed{seed}{_novel_suffix(calib_novel)}"
     model, tokenizer = load_whisper_tiny_en()
     if not fp_path.exists():
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", default="mgvq", metavar="METHOD",
                         help="compile METHOD once more per model with an empty artifact cache, timing a fresh "
                              "user's compile (first bits and seed; 'none' skips it)")
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "accuracy")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--recorded-only", action="store_true",
                         help="tabulate the runs already recorded under --work and run nothing new")
     parser.add_argument("--reuse", action="append", default=[], metavar="TAG[:METHOD|:FROM=TO]",

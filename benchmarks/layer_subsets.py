@@ -4,9 +4,9 @@ decoded (dequantized) weights of only a subset of its layers, evaluated like ben
     python benchmarks/layer_subsets.py OUTDIR [OUTDIR ...] [--subset LABEL=REGEX ...] [--tag NAME]
 
 OUTDIR is an mgvq-compile output of the benchmark's Whisper graph (benchmarks/work/accuracy/models/...).
-Each subset puts the decoded weights of the layers whose names match REGEX (re.search) into the float
-torch model and measures teacher-forced NLL and greedy WER on the accuracy benchmark's 16 evaluation
-sentences. Errors of two layers need not add up: comparing a pair's row with each member's alone shows
+Each subset puts the decoded weights of the layers whose names match REGEX (re.search) into the
+benchmark's float graph and measures it as the benchmark does (mgvq_compile.evaluate.whisper_eval_ort:
+teacher-forced NLL and greedy WER on the 16 evaluation sentences). Errors of two layers need not add up: comparing a pair's row with each member's alone shows
 how much they interact. Writes ``benchmarks/results/layer-subsets{-TAG}.json`` and ``.md``, and prints
 the table.
 """
@@ -14,16 +14,13 @@ the table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
-
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (the benchmark's settings, evaluation novel and results folder)
@@ -37,45 +34,35 @@ DEFAULT_SUBSETS = (
 
 
 def evaluate_subsets(out_dir: Path, subsets: list[tuple[str, str]]) -> list[dict]:
-    from mgvq_compile.calibration.data import next_token_labels, novel_sentences, read_novel
-    from mgvq_compile.calibration.speech import SAMPLE_RATE, synthesize_speech
-    from mgvq_compile.evaluate import token_nll, word_errors
-    from mgvq_compile.models.whisper_ct2 import (
-        DECODER_PROMPT, greedy_decode, load_whisper_tiny_en, suppress_token_ids, whisper_feature_extractor,
-    )
+    import onnx_ir as ir
+
+    from mgvq_compile.calibration.data import novel_sentences, read_novel
+    from mgvq_compile.evaluate import whisper_eval_ort
+    from mgvq_compile.graph import find_linear_layers, load_onnx, with_weights
+    from mgvq_compile.models.whisper_ct2 import load_whisper_tiny_en
     from mgvq_compile.output import dequantized_weights
 
     settings = accuracy.Settings()
-    model, tokenizer = load_whisper_tiny_en()
-    extractor, suppress = whisper_feature_extractor(), suppress_token_ids()
+    float_path = accuracy.whisper_float_path(accuracy.DEFAULT_WORK, settings)
+    if not float_path.exists():
+        raise SystemExit(f"{float_path} is missing: run python benchmarks/accuracy.py --models whisper first")
+    _model, tokenizer = load_whisper_tiny_en()
     references = novel_sentences(read_novel(accuracy.EVALUATION_NOVEL), settings.whisper_eval_sentences, seed=1234)
-    features = [torch.from_numpy(extractor(synthesize_speech(ref).astype(np.float32), sampling_rate=SAMPLE_RATE,
-                                           return_tensors="np")["input_features"].astype(np.float32))
-                for ref in references]
+    float_graph = load_onnx(float_path)
+    layers = find_linear_layers(float_graph)
     decoded = dequantized_weights(out_dir)
-    budget = settings.whisper_decoder_len - len(DECODER_PROMPT)
     rows = []
     for label, pattern in subsets:
         regex = re.compile(pattern)
-        subject = copy.deepcopy(model)
-        parameters = dict(subject.named_parameters())
         names = [name for name in decoded if regex.search(name)]
-        for name in names:
-            parameters[name].data.copy_(torch.from_numpy(decoded[name]))
-        nll = tokens = errors = words = 0
-        with torch.no_grad():
-            for ref, feats in zip(references, features):
-                ids = np.asarray([tokenizer(ref)["input_ids"][:settings.whisper_decoder_len]], dtype=np.int64)
-                logits = subject(input_features=feats, decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
-                sentence_nll, n = token_nll(logits, next_token_labels(ids, first_target=len(DECODER_PROMPT)))
-                nll, tokens = nll + sentence_nll, tokens + n
-                hyp = tokenizer.decode(greedy_decode(subject, feats, max_new_tokens=budget, suppress=suppress),
-                                       skip_special_tokens=True)
-                e, w = word_errors(ref, hyp)
-                errors, words = errors + e, words + w
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(with_weights(float_graph, {name: decoded[name] for name in names}, layers), str(path),
+                    external_data="model.onnx.data")
+            result = whisper_eval_ort(path, tokenizer, references, decoder_len=settings.whisper_decoder_len)
         rows.append({"model": str(out_dir), "subset": label, "pattern": pattern, "layers": len(names),
-                     "nll": nll / tokens, "wer": errors / words})
-        print(f"{out_dir.name}  {label:24s} {len(names):3d} layers  NLL {nll / tokens:.3f}  WER {errors / words:.3f}",
+                     "nll": result["nll"], "wer": result["wer"]})
+        print(f"{out_dir.name}  {label:24s} {len(names):3d} layers  NLL {result['nll']:.3f}  WER {result['wer']:.3f}",
               flush=True)
     return rows
 

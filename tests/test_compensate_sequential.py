@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,11 +37,7 @@ def test_stages_are_consecutive_and_nearly_equal():
     (["text", "vision", "text"], 0),
 ])
 def test_the_encoder_stage_ends_at_the_first_text_layer(modalities, end):
-    class Layer:
-        def __init__(self, key):
-            self.key = key
-
-    layers = [Layer(f"w{i}") for i in range(len(modalities))]
+    layers = [SimpleNamespace(key=f"w{i}") for i in range(len(modalities))]
     assert encoder_stage_end(layers, {layer.key: m for layer, m in zip(layers, modalities)}) == end
 
 
