@@ -10,7 +10,8 @@
 
 A seed picks the calibration samples and seeds every stochastic step of the compile. Each run is one
 ``mgvq-compile`` subprocess (its compile time and peak resident memory are recorded) and its result is
-kept under ``--work``/runs, so an interrupted benchmark resumes where it stopped. Writes
+kept under ``--work``/runs, so an interrupted benchmark resumes where it stopped. A record measured on an
+evaluation set of another size is evaluated again from its kept model files (no recompile). Writes
 ``benchmarks/results/accuracy{-TAG}.json`` and ``.md`` (mean and spread over seeds), and prints the table.
 """
 
@@ -58,7 +59,13 @@ class Settings:
     # the only ones with a gradient, fewer than the 1536 inputs of the decoder's fc2; 128 hold 1881.
     # SmolLM2's 32 windows are 4096 tokens.
     whisper_calib_sentences: int = 128
-    whisper_eval_sentences: int = 16
+    # 16 sentences (until 2026-11-24) hold about 230 reference words: one sentence that loops to the decode
+    # limit moved a 2-bit model's WER by 0.1-0.2, as much as the spread over seeds.
+    whisper_eval_sentences: int = 64
+
+
+# The evaluation sizes of the records written before records named theirs (Whisper sentences, SmolLM2 windows).
+EARLIER_EVAL_SAMPLES = {"whisper": 16, "smollm2": 32}
 
 
 @dataclasses.dataclass
@@ -67,6 +74,7 @@ class ModelSetup:
     calib_dir: Path
     evaluate: Callable[[Path], dict]  # model.onnx -> metrics
     primary: str  # the metric the table leads with
+    eval_samples: int | None = None  # the evaluation set's size: SmolLM2 windows, Whisper sentences
 
 
 def _novel_suffix(novel: str) -> str:
@@ -92,7 +100,7 @@ def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
     def evaluate(path: Path) -> dict:
         return {"perplexity": perplexity_ort(path, tokenizer, text, seq_len=s.seq_len, max_windows=s.eval_windows)}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity")
+    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity", s.eval_windows)
 
 
 def whisper_float_path(work: Path, s: Settings) -> Path:
@@ -121,7 +129,7 @@ def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
         result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
         return {"wer": result["wer"], "nll": result["nll"]}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "wer")
+    return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.whisper_eval_sentences)
 
 
 MODELS = {"smollm2": _smollm2, "whisper": _whisper}
@@ -191,6 +199,45 @@ def calibration_of(record: dict) -> str | None:
     return Path(args[args.index("--calib") + 1]).name if "--calib" in args else None
 
 
+def eval_samples_of(record: dict) -> int | None:
+    """The size of the evaluation set a record was measured on."""
+    return record.get("eval_samples", EARLIER_EVAL_SAMPLES.get(record["model"]))
+
+
+def model_path_of(record: dict, setup: ModelSetup) -> Path:
+    """The model.onnx a record measured: the float graph for fp32, else its compile's output directory."""
+    if record["method"] == "fp32":
+        return setup.fp_path
+    args = shlex.split(record["command"])
+    return Path(args[args.index("-o") + 1]) / "model.onnx"
+
+
+def _write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None, recorded_only: bool) -> dict:
+    """``record`` measured on ``setup``'s evaluation set: a record measured on a set of another size is
+    evaluated again from its kept model files, its earlier metrics kept under ``earlier_evaluation``."""
+    wanted, had = (None if setup is None else setup.eval_samples), eval_samples_of(record)
+    if wanted is None or had == wanted:
+        return record
+    mismatch = f"{record_path} was evaluated on {had} samples, but this benchmark evaluates on {wanted}"
+    if recorded_only:
+        raise SystemExit(f"{mismatch}: run without --recorded-only to evaluate its model again")
+    path = model_path_of(record, setup)
+    if not path.is_file():
+        raise SystemExit(f"{mismatch}, and its model {path} is gone: delete the record to compute it again")
+    earlier = {k: record[k] for k in ("perplexity", "wer", "nll") if k in record}
+    record = {**record, **setup.evaluate(path), "eval_samples": wanted,
+              "earlier_evaluation": {"eval_samples": had, **earlier}}
+    _write_record(record_path, record)
+    return record
+
+
 def reused_record(sources: list[str], model: str, method: str, bits: float, seed: int,
                   calibration: str | None = None) -> dict | None:
     """The first committed record of the ``--reuse`` sources that stands for this run, marked ``reused_from``;
@@ -221,23 +268,19 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
         if calibration is not None and calibration_of(record) not in (None, calibration):
             raise SystemExit(f"{record_path} was calibrated on {calibration_of(record)}, but this run calibrates on "
                              f"{calibration}: pass another --tag (or --calib-samples), or delete the record to recompute it")
-        return record
+        return _on_evaluation_set(record, record_path, setup, recorded_only)
     reused = reused_record(list(reuse), model, method, bits, seed, calibration)
     if reused is not None:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(reused, indent=1))
-        return reused
+        _write_record(record_path, reused)
+        return _on_evaluation_set(reused, record_path, setup, recorded_only)
     if recorded_only:
         return None
     out = work / "models" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": model, "method": method, "bits": bits, "seed": seed, "options": options}
     record.update(_compile(setup, out, method, bits, seed, options))
-    record.update(setup.evaluate(out / "model.onnx"))
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(record_path)
+    record.update(setup.evaluate(out / "model.onnx"), eval_samples=setup.eval_samples)
+    _write_record(record_path, record)
     return record
 
 
@@ -266,9 +309,7 @@ def _cold_compile(work: Path, setup: ModelSetup, model: str, method: str, bits: 
         record = {"model": model, "method": method, "bits": bits, "seed": seed, "options": options,
                   **_compile(setup, out, method, bits, seed, options, cache_dir=Path(cache))}
     record["identical_to_cached_run"] = _files_digest(out / "model.onnx") == _files_digest(work / "models" / key / "model.onnx")
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(record_path)
+    _write_record(record_path, record)
     return record
 
 
@@ -287,15 +328,15 @@ def cold_compile_lines(cold: list[dict]) -> list[str]:
     return lines
 
 
-def _reference(work: Path, setup: ModelSetup, model: str) -> dict:
+def _reference(work: Path, setup: ModelSetup, model: str, recorded_only: bool = False) -> dict:
     path = work / "runs" / f"{model}-fp32.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return _on_evaluation_set(json.loads(path.read_text()), path, setup, recorded_only)
     files = sorted(setup.fp_path.parent.glob("model.onnx*"))
     record = {"model": model, "method": "fp32", "bits": 32, "seed": None,
-              "files_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1), **setup.evaluate(setup.fp_path)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+              "files_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1), **setup.evaluate(setup.fp_path),
+              "eval_samples": setup.eval_samples}
+    _write_record(path, record)
     return record
 
 
@@ -400,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             setup = MODELS[model](args.work, seed, settings)
             if seed == args.seeds[0]:
-                records.append(_reference(args.work, setup, model))
+                records.append(_reference(args.work, setup, model, args.recorded_only))
             for bits in args.bits:
                 for method in args.methods:
                     options = list(args.options) if method.startswith("mgvq") else []

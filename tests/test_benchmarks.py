@@ -269,6 +269,40 @@ def test_accuracy_runs_are_matched_by_calibration_directory(tmp_path, monkeypatc
     assert again["reused_from"] == "--tag chain, method mgvq (there reused from no --tag, method mgvq)"
 
 
+def test_accuracy_records_of_another_evaluation_size_are_evaluated_again(tmp_path):
+    work, measured = tmp_path / "work", []
+    model_dir = work / "models" / "whisper-mgvq-2bit-seed0"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.onnx").write_bytes(b"kept")
+    (work / "runs").mkdir()
+    earlier = {"model": "whisper", "method": "mgvq", "bits": 2.0, "seed": 0, "compile_s": 99.0, "wer": 1.2, "nll": 3.0,
+               "command": f"fp.onnx -o {model_dir} --method mgvq --calib /w/c --seed 0"}  # no eval_samples: 16
+    record_path = work / "runs" / "whisper-mgvq-2bit-seed0.json"
+    record_path.write_text(json.dumps(earlier))
+    evaluate = lambda path: measured.append(path) or {"wer": 0.8, "nll": 2.5}  # noqa: E731
+    setup = accuracy.ModelSetup(tmp_path / "fp.onnx", Path("/w/c"), evaluate, "wer", eval_samples=64)
+    args = (work, setup, "whisper", "mgvq", 2.0, 0, [], "")
+    with pytest.raises(SystemExit, match="evaluated on 16 samples, but this benchmark evaluates on 64.*without --recorded-only"):
+        accuracy._run_one(*args, recorded_only=True)
+    record = accuracy._run_one(*args)
+    assert measured == [model_dir / "model.onnx"]
+    assert record == {**earlier, "wer": 0.8, "nll": 2.5, "eval_samples": 64,
+                      "earlier_evaluation": {"eval_samples": 16, "wer": 1.2, "nll": 3.0}}
+    assert json.loads(record_path.read_text()) == record
+    assert accuracy._run_one(*args, recorded_only=True) == record and len(measured) == 1
+    # A record whose model files are gone cannot be measured again: it says so rather than keep old numbers.
+    record_path.write_text(json.dumps(earlier))
+    (model_dir / "model.onnx").unlink()
+    with pytest.raises(SystemExit, match="model .* is gone: delete the record"):
+        accuracy._run_one(*args)
+    # The fp32 reference is measured again on the float graph.
+    setup.fp_path.write_bytes(b"float")
+    (work / "runs" / "whisper-fp32.json").write_text(json.dumps({"model": "whisper", "method": "fp32", "wer": 0.3}))
+    reference = accuracy._reference(work, setup, "whisper")
+    assert measured[-1] == setup.fp_path and reference["eval_samples"] == 64
+    assert reference["earlier_evaluation"] == {"eval_samples": 16, "wer": 0.3}
+
+
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
     if ops_library is None:
         pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
