@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mgvq_compile.graph import LinearLayer, weight_matrix
+from mgvq_compile.graph import LinearLayer, weight_matrix, with_weights
 from mgvq_compile.pipeline.context import CompileContext
 from mgvq_compile.pipeline.manager import save_atomic_torch
 from mgvq_compile.vqgemm import VQWeight
 
-__all__ = ["per_layer_checkpointed", "quantize_layers", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
+__all__ = ["per_layer_checkpointed", "quantize_layers", "quantize_in_stages", "sequential_stages", "encoder_stage_end",
+           "statistics_on_quantized_inputs", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
 
 MAX_CODE_BITS = 16  # widest code a VQ-GEMM vector may take (b * d)
 
@@ -73,6 +74,71 @@ def quantize_layers(
         if layer.key not in quantized:
             logger.warning("layer %s (%dx%d) left dense: %s", layer.key, layer.out_features, layer.in_features, desc)
     return quantized, metrics
+
+
+def quantize_in_stages(
+    ctx: CompileContext,
+    desc: str,
+    quantize_on: Callable[[dict], Callable[[np.ndarray, LinearLayer], Any]],
+    stats: dict,
+    *,
+    encoder_stage: bool,
+    stages: int = 1,
+    match_float_outputs: bool = False,
+) -> tuple[dict[str, VQWeight], dict[str, dict]]:
+    """:func:`quantize_layers` over the layers cut into ``stages`` consecutive stages, plus a cut at the
+    modality encoder's end when ``encoder_stage``. The first stage is quantized by ``quantize_on(stats)``;
+    each later one by ``quantize_on`` of statistics collected again from the model whose earlier stages
+    hold their quantized weights (as GPTQ quantizes block by block on quantized inputs)."""
+    cut = encoder_stage_end(ctx.layers, ctx.modalities) if encoder_stage else 0
+    staged = sequential_stages(ctx.layers, stages, cut)
+    quantized: dict[str, VQWeight] = {}
+    metrics: dict[str, dict] = {}
+    dense: dict[str, np.ndarray] = {}  # the quantized layers' W, for the later stages' statistics
+    for index, stage in enumerate(staged):
+        if index > 0:
+            stats = statistics_on_quantized_inputs(ctx, stage, dense, match_float_outputs)
+        stage_desc = desc + (f", stage {index + 1}/{len(staged)}" if len(staged) > 1 else "")
+        done, done_metrics = quantize_layers(ctx, stage_desc, quantize_on(stats), layers=stage)
+        quantized.update(done)
+        if index + 1 < len(staged):
+            dense.update({key: q.dequantize() for key, q in done.items()})
+        for key, metric in done_metrics.items():
+            metrics[key] = {**metric, "sequential_stage": index + 1} if len(staged) > 1 else metric
+    return quantized, metrics
+
+
+def statistics_on_quantized_inputs(ctx: CompileContext, stage: list[LinearLayer], dense: dict[str, np.ndarray],
+                                   with_float_inputs: bool = False) -> dict:
+    """Statistics of ``stage``'s layers on copies of the graphs whose layers in ``dense`` (key -> W)
+    hold those weights (and, ``with_float_inputs``, their cross moment with the float model's inputs)."""
+    from mgvq_compile.passes.collect_stats import CollectStats
+
+    if all((path := ctx.checkpoint_path(layer)) is not None and path.exists() for layer in stage):
+        return {}  # every layer of the stage resumes from its checkpoint
+    models = {name: with_weights(model, dense, [layer for layer in ctx.layers if layer.graph == name])
+              for name, model in ctx.models.items()}
+    return CollectStats(ctx.artifacts["stats_config"]).collect(
+        ctx, models, stage, reference_models=ctx.models if with_float_inputs else None)
+
+
+def sequential_stages(layers: list, count: int, cut: int = 0) -> list[list]:
+    """``layers`` (graph order) cut into ``count`` consecutive stages of nearly equal size (fewer when
+    there are fewer layers), and also before ``layers[cut]`` when 0 < cut < len(layers)."""
+    bounds = set(np.linspace(0, len(layers), min(count, max(len(layers), 1)) + 1).round().astype(int).tolist())
+    if 0 < cut < len(layers):
+        bounds.add(cut)
+    bounds = sorted(bounds)
+    return [layers[start:stop] for start, stop in zip(bounds, bounds[1:])]
+
+
+def encoder_stage_end(layers: list[LinearLayer], modalities: dict[str, str]) -> int:
+    """The number of leading layers (graph order) that read no text: the modality encoder whose outputs the
+    language side reads. 0 when the first layer reads text or no layer does (nothing to stage)."""
+    for index, layer in enumerate(layers):
+        if modalities.get(layer.key) == "text":
+            return index
+    return 0
 
 
 def layer_hessian(stats: dict, layer: LinearLayer, kind: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivi
 from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import attention_query_key_layers, weight_matrix
-from mgvq_compile.passes._common import MAX_CODE_BITS, layer_hessian
+from mgvq_compile.passes._common import MAX_CODE_BITS
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 
 __all__ = ["AssignBitsConfig", "AssignBits", "LayerAllocation"]

@@ -23,13 +23,13 @@ from mgvq_compile.algorithms.kmeans import assign_in_metric, assign_nearest
 from mgvq_compile.algorithms.statistics import LayerStatistics, kronecker_scale, proxy_loss
 from mgvq_compile.algorithms.weighted_kmeans import alternate_codes_and_codebooks, decode_groups
 from mgvq_compile.errors import RecipeError
-from mgvq_compile.graph import LinearLayer, with_weights
-from mgvq_compile.passes._common import quantize_layers
+from mgvq_compile.graph import LinearLayer
+from mgvq_compile.passes._common import quantize_in_stages
 from mgvq_compile.passes.assign_bits import LayerAllocation
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 from mgvq_compile.vqgemm import VQGroup, VQWeight
 
-__all__ = ["CompensateConfig", "Compensate", "compensate_layer", "sequential_stages", "encoder_stage_end"]
+__all__ = ["CompensateConfig", "Compensate", "compensate_layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,58 +199,14 @@ class Compensate(Pass):
         stats, allocation, codebooks = (ctx.artifacts[k] for k in ("stats", "allocation", "codebooks"))
         scope = ctx.artifacts.get("codebook_scope", "layer-group")
 
-        quantized: dict[str, VQWeight] = {}
-        dense: dict[str, np.ndarray] = {}  # the quantized layers' W, for the later stages' statistics
-        metrics: dict[str, dict] = {}
-        cut = encoder_stage_end(ctx.layers, ctx.modalities) if cfg.encoder_stage else 0
-        stages = sequential_stages(ctx.layers, cfg.sequential_stages, cut)
-        for index, stage in enumerate(stages):
-            if index > 0:
-                stats = self._stats_on_quantized_inputs(ctx, stage, dense, cfg.match_float_outputs)
-
-            def quantize(weight: np.ndarray, layer: LinearLayer, stats=stats) -> tuple[VQWeight, dict] | None:
+        def quantize_on(stats: dict):
+            def quantize(weight: np.ndarray, layer: LinearLayer) -> tuple[VQWeight, dict] | None:
                 if layer.key not in allocation:
                     return None
                 return compensate_layer(weight, allocation[layer.key], codebooks[layer.key], stats[layer.key], cfg, scope)
+            return quantize
 
-            desc = f"compensate (lam={cfg.lam})" + (f", stage {index + 1}/{len(stages)}" if len(stages) > 1 else "")
-            done, done_metrics = quantize_layers(ctx, desc, quantize, layers=stage)
-            quantized.update(done)
-            if index + 1 < len(stages):
-                dense.update({key: q.dequantize() for key, q in done.items()})
-            for key, metric in done_metrics.items():
-                metrics[key] = {**metric, "sequential_stage": index + 1} if len(stages) > 1 else metric
+        quantized, metrics = quantize_in_stages(ctx, f"compensate (lam={cfg.lam})", quantize_on, stats,
+                                                encoder_stage=cfg.encoder_stage, stages=cfg.sequential_stages,
+                                                match_float_outputs=cfg.match_float_outputs)
         return PassResult({"quantized": quantized, "quant_metrics": metrics}, {"layers": len(quantized)})
-
-    @staticmethod
-    def _stats_on_quantized_inputs(ctx, stage: list[LinearLayer], dense: dict[str, np.ndarray],
-                                   with_float_inputs: bool = False) -> dict:
-        """Statistics of ``stage``'s layers on copies of the graphs whose layers in ``dense`` (key -> W)
-        hold those weights (and, ``with_float_inputs``, their cross moment with the float model's inputs)."""
-        from mgvq_compile.passes.collect_stats import CollectStats
-
-        if all((path := ctx.checkpoint_path(layer)) is not None and path.exists() for layer in stage):
-            return {}  # every layer of the stage resumes from its checkpoint
-        models = {name: with_weights(model, dense, [layer for layer in ctx.layers if layer.graph == name])
-                  for name, model in ctx.models.items()}
-        return CollectStats(ctx.artifacts["stats_config"]).collect(
-            ctx, models, stage, reference_models=ctx.models if with_float_inputs else None)
-
-
-def sequential_stages(layers: list, count: int, cut: int = 0) -> list[list]:
-    """``layers`` (graph order) cut into ``count`` consecutive stages of nearly equal size (fewer when
-    there are fewer layers), and also before ``layers[cut]`` when 0 < cut < len(layers)."""
-    bounds = set(np.linspace(0, len(layers), min(count, max(len(layers), 1)) + 1).round().astype(int).tolist())
-    if 0 < cut < len(layers):
-        bounds.add(cut)
-    bounds = sorted(bounds)
-    return [layers[start:stop] for start, stop in zip(bounds, bounds[1:])]
-
-
-def encoder_stage_end(layers: list[LinearLayer], modalities: dict[str, str]) -> int:
-    """The number of leading layers (graph order) that read no text: the modality encoder whose outputs the
-    language side reads. 0 when the first layer reads text or no layer does (nothing to stage)."""
-    for index, layer in enumerate(layers):
-        if modalities.get(layer.key) == "text":
-            return index
-    return 0

@@ -12,8 +12,9 @@ from mgvq_compile.api import _new_context
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import load_onnx, weight_matrix, with_weights
 from mgvq_compile.passes.collect_stats import CollectStats, CollectStatsConfig
-from mgvq_compile.passes.compensate import CompensateConfig, encoder_stage_end, sequential_stages
-from test_mgvq import _compile_mgvq, _mlp_with_calibration, _save_anonymous_with_calibration
+from mgvq_compile.passes._common import encoder_stage_end, sequential_stages, statistics_on_quantized_inputs
+from mgvq_compile.passes.compensate import CompensateConfig
+from test_mgvq import _compile_mgvq, _mlp_with_calibration, _save_anonymous_with_calibration, run_cli
 
 
 def test_stages_are_consecutive_and_nearly_equal():
@@ -60,6 +61,27 @@ def test_an_encoder_decoder_compiles_its_encoder_first(tmp_path):
     cross = [i for i, (a, _b) in enumerate(pairs) if i >= encoder and a["modality"] == "audio"]
     assert cross and all(pairs[i][0]["proxy_loss"] != pairs[i][1]["proxy_loss"] for i in cross + [len(pairs) - 1])
     assert [a["bits"] for a, _b in pairs] == [b["bits"] for _a, b in pairs]  # one allocation
+
+
+@pytest.mark.parametrize("method, quantize_pass", [("gptq", "quantize-gptq"), ("gptvq", "quantize-gptvq")])
+def test_baselines_quantize_an_encoder_first_too(tmp_path, method, quantize_pass):
+    """The baselines take the same encoder cut as mgvq, so all methods compare on the same statistics."""
+    model, calib_dir, _truth = _save_anonymous_with_calibration(tmp_path, "whisper")
+    reports = {}
+    for name, options in (("staged", ()), ("single", ("--set", f"{quantize_pass}.encoder_stage=false"))):
+        out = tmp_path / f"{method}-{name}"
+        assert run_cli(model, "--method", method, "--calib", calib_dir, "-o", out, "--work-dir", tmp_path / "work",
+                       *options) == 0
+        reports[name] = json.loads((out / "report.json").read_text())["layers"]
+    modalities = [layer["modality"] for layer in reports["staged"]]
+    encoder = modalities.index("text")
+    assert [layer["sequential_stage"] for layer in reports["staged"]] == [1] * encoder + [2] * (len(modalities) - encoder)
+    pairs = list(zip(reports["staged"], reports["single"]))
+    errors = [(a["relative_weight_error"], b["relative_weight_error"]) for a, b in pairs]
+    assert all(a == b for a, b in errors[:encoder])  # the encoder: the float model's statistics either way
+    # Cross-attention keys and values read the quantized encoder's output directly.
+    cross = [i for i, (a, _b) in enumerate(pairs) if i >= encoder and a["modality"] == "audio"]
+    assert cross and all(errors[i][0] != errors[i][1] for i in cross)
 
 
 def test_statistics_of_a_model_with_replaced_weights_see_those_weights(tmp_path):
@@ -120,8 +142,6 @@ def test_matching_float_outputs_moves_the_later_stages_targets_only(tmp_path):
 
 
 def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_path):
-    from mgvq_compile.passes.compensate import Compensate
-
     mlp, calib_dir = _mlp_with_calibration(tmp_path)
     graphs = {"a": load_onnx(mlp), "b": load_onnx(mlp)}  # a model of two graphs, as split models are
     feeds = [dict(np.load(path)) for path in sorted(calib_dir.glob("*.npz"))]
@@ -130,7 +150,7 @@ def test_statistics_on_quantized_inputs_replace_each_graphs_own_layers_only(tmp_
     a_fc1 = next(layer for layer in ctx.layers if layer.graph == "a" and layer.weight == "fc1.weight")
     b_fc2 = next(layer for layer in ctx.layers if layer.graph == "b" and layer.weight == "fc2.weight")
     zeroed = np.zeros_like(weight_matrix(graphs["a"], a_fc1))
-    stats = Compensate._stats_on_quantized_inputs(ctx, [b_fc2], {a_fc1.key: zeroed})
+    stats = statistics_on_quantized_inputs(ctx, [b_fc2], {a_fc1.key: zeroed})
     # Graph b keeps its own fc1, so fc2 of b sees the float model's inputs, not graph a's zeroed fc1.
     reference = CollectStats(CollectStatsConfig(gradients=False)).collect(ctx, graphs, [b_fc2])
     np.testing.assert_array_equal(stats[b_fc2.key].h_x.numpy(), reference[b_fc2.key].h_x.numpy())
