@@ -127,7 +127,7 @@ def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
 
     def evaluate(path: Path) -> dict:
         result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
-        return {"wer": result["wer"], "nll": result["nll"]}
+        return {k: result[k] for k in ("wer", "nll", "unfinished_decodes", "hypothesis_words", "n_words")}
 
     return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.whisper_eval_sentences)
 
@@ -219,11 +219,13 @@ def _write_record(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
-def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None, recorded_only: bool) -> dict:
-    """``record`` measured on ``setup``'s evaluation set: a record measured on a set of another size is
-    evaluated again from its kept model files, its earlier metrics kept under ``earlier_evaluation``."""
+def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None, recorded_only: bool,
+                       again: bool = False) -> dict:
+    """``record`` measured on ``setup``'s evaluation set: a record measured on a set of another size (or
+    any, ``again``) is evaluated again from its kept model files, its earlier metrics kept under
+    ``earlier_evaluation``."""
     wanted, had = (None if setup is None else setup.eval_samples), eval_samples_of(record)
-    if wanted is None or had == wanted:
+    if wanted is None or (had == wanted and not again):
         return record
     mismatch = f"{record_path} was evaluated on {had} samples, but this benchmark evaluates on {wanted}"
     if recorded_only:
@@ -231,7 +233,7 @@ def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None
     path = model_path_of(record, setup)
     if not path.is_file():
         raise SystemExit(f"{mismatch}, and its model {path} is gone: delete the record to compute it again")
-    earlier = {k: record[k] for k in ("perplexity", "wer", "nll") if k in record}
+    earlier = {k: record[k] for k in ("perplexity", "wer", "nll", "unfinished_decodes") if k in record}
     record = {**record, **setup.evaluate(path), "eval_samples": wanted,
               "earlier_evaluation": {"eval_samples": had, **earlier}}
     _write_record(record_path, record)
@@ -259,7 +261,8 @@ def reused_record(sources: list[str], model: str, method: str, bits: float, seed
 
 
 def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
-             options: list[str], tag: str, recorded_only: bool = False, reuse: list[str] = ()) -> dict | None:
+             options: list[str], tag: str, recorded_only: bool = False, reuse: list[str] = (),
+             evaluate_again: bool = False) -> dict | None:
     key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}.json"
     calibration = None if setup is None else setup.calib_dir.name
@@ -268,11 +271,11 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
         if calibration is not None and calibration_of(record) not in (None, calibration):
             raise SystemExit(f"{record_path} was calibrated on {calibration_of(record)}, but this run calibrates on "
                              f"{calibration}: pass another --tag (or --calib-samples), or delete the record to recompute it")
-        return _on_evaluation_set(record, record_path, setup, recorded_only)
+        return _on_evaluation_set(record, record_path, setup, recorded_only, evaluate_again)
     reused = reused_record(list(reuse), model, method, bits, seed, calibration)
     if reused is not None:
         _write_record(record_path, reused)
-        return _on_evaluation_set(reused, record_path, setup, recorded_only)
+        return _on_evaluation_set(reused, record_path, setup, recorded_only, evaluate_again)
     if recorded_only:
         return None
     out = work / "models" / key
@@ -328,10 +331,10 @@ def cold_compile_lines(cold: list[dict]) -> list[str]:
     return lines
 
 
-def _reference(work: Path, setup: ModelSetup, model: str, recorded_only: bool = False) -> dict:
+def _reference(work: Path, setup: ModelSetup, model: str, recorded_only: bool = False, again: bool = False) -> dict:
     path = work / "runs" / f"{model}-fp32.json"
     if path.exists():
-        return _on_evaluation_set(json.loads(path.read_text()), path, setup, recorded_only)
+        return _on_evaluation_set(json.loads(path.read_text()), path, setup, recorded_only, again)
     files = sorted(setup.fp_path.parent.glob("model.onnx*"))
     record = {"model": model, "method": "fp32", "bits": 32, "seed": None,
               "files_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1), **setup.evaluate(setup.fp_path),
@@ -345,7 +348,7 @@ def _spread(values: list[float]) -> dict:
             "values": values}
 
 
-METRICS = ("perplexity", "log_perplexity", "wer", "nll", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb")
+METRICS = ("perplexity", "log_perplexity", "wer", "nll", "unfinished_decodes", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb")
 
 
 def _metric(record: dict, metric: str) -> float | None:
@@ -382,7 +385,8 @@ def _cell(row: dict, metric: str, digits: int) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        metrics = [("perplexity", 2), ("log_perplexity", 3)] if model == "smollm2" else [("wer", 3), ("nll", 3)]
+        metrics = ([("perplexity", 2), ("log_perplexity", 3)] if model == "smollm2"
+                   else [("wer", 3), ("nll", 3), ("unfinished_decodes", 1)])
         names = [m for m, _ in metrics]
         lines += [f"### {model}", "",
                   "| method | bits | seeds | " + " | ".join(names) + " | stored bits/weight | files MB | compile s | peak RSS MB |",
@@ -415,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--recorded-only", action="store_true",
                         help="tabulate the runs already recorded under --work and run nothing new")
+    parser.add_argument("--evaluate-again", action="store_true",
+                        help="measure the recorded runs again from their kept model files (no recompile), "
+                             "keeping the earlier metrics in each record's earlier_evaluation")
     parser.add_argument("--reuse", action="append", default=[], metavar="TAG[:METHOD|:FROM=TO]",
                         help="take a run missing from --work from the committed benchmarks/results/accuracy-TAG.json "
                              f"({UNTAGGED}: accuracy.json) instead of computing it (marked reused_from), if it read the "
@@ -422,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                              ":FROM=TO lets that file's method FROM stand for method TO. Only for runs of the identical "
                              "configuration; repeatable, first match wins")
     args = parser.parse_args(argv)
+    if args.evaluate_again and args.recorded_only:
+        parser.error("--evaluate-again measures the models again; --recorded-only runs nothing: pick one")
     if args.tag == UNTAGGED:
         parser.error(f"--tag {UNTAGGED} is --reuse's name for the runs of no tag; pick another name")
     for source in args.reuse:
@@ -441,14 +450,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             setup = MODELS[model](args.work, seed, settings)
             if seed == args.seeds[0]:
-                records.append(_reference(args.work, setup, model, args.recorded_only))
+                records.append(_reference(args.work, setup, model, args.recorded_only, args.evaluate_again))
             for bits in args.bits:
                 for method in args.methods:
                     options = list(args.options) if method.startswith("mgvq") else []
                     if args.vector_dim and method in VQ_METHODS:
                         options.append(f"*.vector_dim={args.vector_dim}")
                     record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag,
-                                      args.recorded_only, args.reuse)
+                                      args.recorded_only, args.reuse, args.evaluate_again)
                     if record is None:
                         continue
                     records.append(record)

@@ -116,8 +116,10 @@ class _SplitWhisper:
         return lambda ids: self.decoder.run(["logits"], {"decoder_input_ids": ids, **cached})[0]
 
 
-def _whisper_greedy(logits_of, decoder_len: int, max_new_tokens: int, suppress: tuple[list[int], list[int]]) -> list[int]:
-    """Greedy tokens after the prompt; ``logits_of(ids [1, decoder_len]) -> logits`` for fixed audio."""
+def _whisper_greedy(logits_of, decoder_len: int, max_new_tokens: int,
+                    suppress: tuple[list[int], list[int]]) -> tuple[list[int], bool]:
+    """Greedy tokens after the prompt, and whether the decode ended on end-of-text (False: it ran to the
+    token limit); ``logits_of(ids [1, decoder_len]) -> logits`` for fixed audio."""
     from mgvq_compile.models.whisper_ct2 import DECODER_PROMPT, EOT_ID, apply_suppression
 
     ids = np.full((1, decoder_len), EOT_ID, dtype=np.int64)
@@ -129,11 +131,11 @@ def _whisper_greedy(logits_of, decoder_len: int, max_new_tokens: int, suppress: 
         apply_suppression(step, len(generated), suppress)
         nxt = int(step.argmax())
         if nxt == EOT_ID:
-            break
+            return generated, True
         generated.append(nxt)
         ids[0, n] = nxt
         n += 1
-    return generated
+    return generated, False
 
 
 def whisper_eval_ort(
@@ -150,7 +152,9 @@ def whisper_eval_ort(
     real position pick the next token, until end-of-text or ``decoder_len`` tokens. Given a ``path``, the
     graph is split so the encoder runs once per utterance and only the decoder per token (the same
     computation; logits agree to float rounding); given only a ``session``, the whole graph runs per token.
-    WER is corpus-level: total word edits over total reference words.
+    WER is corpus-level: total word edits over total reference words. ``unfinished_decodes`` counts the
+    decodes that ran to the token limit without end-of-text (at low bits, mostly repetition loops), and
+    ``hypothesis_words`` the words transcribed, against ``n_words`` in the references.
     """
     from mgvq_compile.calibration.speech import SAMPLE_RATE, synthesize_speech
     from mgvq_compile.models.whisper_ct2 import DECODER_PROMPT, EOT_ID, suppress_token_ids, whisper_feature_extractor
@@ -162,7 +166,7 @@ def whisper_eval_ort(
     if audios is not None and len(audios) != len(references):
         raise ValueError(f"{len(audios)} audios for {len(references)} references")
     budget = decoder_len - len(DECODER_PROMPT) if max_new_tokens is None else max_new_tokens
-    total_nll = n_tokens = errors = n_words = 0
+    total_nll = n_tokens = errors = n_words = hypothesis_words = unfinished = 0
     hypotheses = []
     for i, ref in enumerate(references):
         audio = audios[i] if audios is not None else synthesize_speech(ref)
@@ -179,9 +183,12 @@ def whisper_eval_ort(
             logits_of = split.step_function(feats)
         else:
             logits_of = lambda ids: session.run(["logits"], {"input_features": feats, "decoder_input_ids": ids})[0]  # noqa: E731
-        hyp = tokenizer.decode(_whisper_greedy(logits_of, decoder_len, budget, suppress), skip_special_tokens=True).strip()
+        tokens, ended = _whisper_greedy(logits_of, decoder_len, budget, suppress)
+        hyp = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         e, w = word_errors(ref, hyp)
         errors, n_words = errors + e, n_words + w
+        hypothesis_words += len(normalize_transcript(hyp))
+        unfinished += not ended
         hypotheses.append(hyp)
         logger.info("whisper eval %d: %r -> %r", i, ref, hyp)
     return {
@@ -189,5 +196,7 @@ def whisper_eval_ort(
         "nll": total_nll / max(n_tokens, 1),
         "n_tokens": n_tokens,
         "n_words": n_words,
+        "hypothesis_words": hypothesis_words,
+        "unfinished_decodes": unfinished,
         "hypotheses": hypotheses,
     }

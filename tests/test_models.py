@@ -13,7 +13,7 @@ import torch
 from mgvq_compile.calibration.data import read_novel, text_windows
 from mgvq_compile.calibration.speech import espeak_available, synthesize_speech
 from mgvq_compile.errors import InputError
-from mgvq_compile.evaluate import ort_session, perplexity_ort, token_nll, wer, whisper_eval_ort
+from mgvq_compile.evaluate import normalize_transcript, ort_session, perplexity_ort, token_nll, wer, whisper_eval_ort
 from mgvq_compile.models import (
     export_causal_lm_onnx,
     export_whisper_onnx,
@@ -134,6 +134,10 @@ def test_whisper_onnx_export_matches_torch_and_transcribes(whisper, tmp_path):
     result = whisper_eval_ort(None, tokenizer, [SPOKEN], decoder_len=16, audios=[audio], session=session)
     assert result["wer"] < 0.5, result["hypotheses"]
     assert 0 < result["nll"] < 2.0 and result["n_tokens"] == len(ref) - 2
+    assert result["unfinished_decodes"] == 0 and result["hypothesis_words"] == len(normalize_transcript(result["hypotheses"][0])) > 0
+    # With a 2-token limit the transcript cannot end on end-of-text.
+    cut = whisper_eval_ort(None, tokenizer, [SPOKEN], decoder_len=16, audios=[audio], session=session, max_new_tokens=2)
+    assert cut["unfinished_decodes"] == 1 and cut["hypothesis_words"] <= 2
     # From a path, greedy decoding runs the encoder once and the decoder per token: same transcript.
     split = whisper_eval_ort(path, tokenizer, [SPOKEN], decoder_len=16, audios=[audio])
     assert split["hypotheses"] == result["hypotheses"] and split["nll"] == result["nll"]
