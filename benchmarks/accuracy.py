@@ -158,6 +158,9 @@ def _compile(setup: ModelSetup, out: Path, method: str, bits: float, seed: int, 
         "files_mb": round(sum(report["summary"]["files"].get(f, 0) for f in report["summary"]["files"]
                               if f.startswith("model.onnx")) / 1e6, 1),
         "command": shlex.join(cmd[3:]),
+        # Passes taken from the artifact cache: the float statistics as a rule; any later one means
+        # compile_s did not time that pass (an interrupted run's work resumed).
+        "resumed_passes": report.get("resumed_passes", []),
     }
 
 
