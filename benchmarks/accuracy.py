@@ -12,7 +12,9 @@ A seed picks the calibration samples and seeds every stochastic step of the comp
 ``mgvq-compile`` subprocess (its compile time and peak resident memory are recorded) and its result is
 kept under ``--work``/runs, so an interrupted benchmark resumes where it stopped. A record measured on an
 evaluation set of another size is evaluated again from its kept model files (no recompile). Writes
-``benchmarks/results/accuracy{-TAG}.json`` and ``.md`` (mean and spread over seeds), and prints the table.
+``benchmarks/results/accuracy{-TAG}.json`` and ``.md`` (mean and spread over seeds), and prints the table;
+the runs such a file held that this invocation did not ask for (other models, methods, bits or seeds) are
+kept, so a tag run in several invocations keeps one table.
 """
 
 from __future__ import annotations
@@ -346,6 +348,26 @@ def _reference(work: Path, setup: ModelSetup, model: str, recorded_only: bool = 
     return record
 
 
+def merged_with_earlier(records: list[dict], path: Path, asked: set[tuple], eval_samples: dict[str, int]) -> tuple[list[dict], str | None]:
+    """``records`` plus the runs of the results file ``path`` written before that this invocation did not
+    ask for (``asked``: (model, method, bits, seed), fp32 references as (model, "fp32", 32, None)) and that
+    were measured on today's evaluation sets, so a tag run in several invocations keeps one table; also
+    the earlier file's command (None when nothing was kept)."""
+    if not path.is_file():
+        return records, None
+    earlier = json.loads(path.read_text())
+    kept = [r for r in earlier["runs"] if (r["model"], r["method"], r["bits"], r["seed"]) not in asked
+            and eval_samples_of(r) == eval_samples.get(r["model"])]
+    if not kept:
+        return records, None
+    order = {name: i for i, name in enumerate(("fp32",) + ALL_METHODS)}
+    models = list(dict.fromkeys(r["model"] for r in records + kept))
+    merged = sorted(records + kept, key=lambda r: (
+        models.index(r["model"]), r["method"] != "fp32", r["bits"], order.get(r["method"], len(order)), r["method"],
+        -1 if r["seed"] is None else r["seed"]))
+    return merged, earlier.get("command")
+
+
 def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -476,9 +498,16 @@ def main(argv: list[str] | None = None) -> int:
             cold.append(_cold_compile(args.work, MODELS[model](args.work, seed, settings), model, args.cold, bits, seed,
                                       options, args.tag))
             print(cold_compile_lines(cold[-1:])[0], flush=True)
-    rows = summarize(records)
     stem = "accuracy" + (f"-{args.tag}" if args.tag else "")
     command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    asked = {(m, "fp32", 32, None) for m in args.models} | {
+        (m, method, bits, seed) for m in args.models for method in args.methods for bits in args.bits for seed in args.seeds}
+    records, earlier_command = merged_with_earlier(
+        records, RESULTS / f"{stem}.json", asked,
+        {"smollm2": settings.eval_windows, "whisper": settings.whisper_eval_sentences})
+    if earlier_command:
+        command += f"; other runs kept from {earlier_command}"
+    rows = summarize(records)
     header = (f"## Accuracy at equal stored bits ({command})\n\nMachine: {platform.machine()}, "
               f"{os.cpu_count()} cores, Python {platform.python_version()}. Settings: "
               + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))

@@ -305,6 +305,24 @@ def test_accuracy_records_of_another_evaluation_size_are_evaluated_again(tmp_pat
     assert reference["earlier_evaluation"] == {"eval_samples": 16, "wer": 0.3}
 
 
+def test_a_tag_run_in_two_invocations_keeps_one_table(tmp_path):
+    run = lambda method, seed, **kw: {"model": "whisper", "method": method, "bits": 2.0, "seed": seed,  # noqa: E731
+                                      "eval_samples": 64, **kw}
+    fp32 = {"model": "whisper", "method": "fp32", "bits": 32, "seed": None, "eval_samples": 64}
+    path = tmp_path / "accuracy-t.json"
+    earlier = [fp32, run("gptq", 0, nll=9.0), run("gptq", 1, nll=9.5), run("gptvq", 0, nll=7.0),
+               run("vlmq", 0, eval_samples=16, nll=9.9)]  # a run of another evaluation size
+    path.write_text(json.dumps({"command": "python benchmarks/accuracy.py --methods gptq gptvq", "runs": earlier}))
+    now = [fp32, run("gptvq", 0, nll=6.5), run("mgvq", 0, nll=2.5)]
+    asked = {("whisper", "fp32", 32, None)} | {("whisper", m, 2.0, 0) for m in ("gptvq", "mgvq")}
+    merged, command = accuracy.merged_with_earlier(now, path, asked, {"whisper": 64})
+    # gptvq seed 0 is this invocation's; gptq's runs were not asked for and stay; vlmq's 16-sentence run goes.
+    assert [(r["method"], r["seed"], r.get("nll")) for r in merged] == [
+        ("fp32", None, None), ("gptq", 0, 9.0), ("gptq", 1, 9.5), ("gptvq", 0, 6.5), ("mgvq", 0, 2.5)]
+    assert command == "python benchmarks/accuracy.py --methods gptq gptvq"
+    assert accuracy.merged_with_earlier(now, tmp_path / "none.json", asked, {"whisper": 64}) == (now, None)
+
+
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
     if ops_library is None:
         pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
