@@ -65,6 +65,10 @@ class Settings:
     # limit moved a 2-bit model's WER by 0.1-0.2, as much as the spread over seeds.
     whisper_eval_sentences: int = 64
 
+    def eval_samples(self, model: str) -> int:
+        """The size of ``model``'s evaluation set: SmolLM2 windows, Whisper sentences."""
+        return {"smollm2": self.eval_windows, "whisper": self.whisper_eval_sentences}[model]
+
 
 # The evaluation sizes of the records written before records named theirs (Whisper sentences, SmolLM2 windows).
 EARLIER_EVAL_SAMPLES = {"whisper": 16, "smollm2": 32}
@@ -102,7 +106,7 @@ def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
     def evaluate(path: Path) -> dict:
         return {"perplexity": perplexity_ort(path, tokenizer, text, seq_len=s.seq_len, max_windows=s.eval_windows)}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity", s.eval_windows)
+    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity", s.eval_samples("smollm2"))
 
 
 def whisper_float_path(work: Path, s: Settings) -> Path:
@@ -131,7 +135,7 @@ def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
         result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
         return {k: result[k] for k in ("wer", "nll", "unfinished_decodes", "hypothesis_words", "n_words")}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.whisper_eval_sentences)
+    return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.eval_samples("whisper"))
 
 
 MODELS = {"smollm2": _smollm2, "whisper": _whisper}
@@ -348,7 +352,8 @@ def _reference(work: Path, setup: ModelSetup, model: str, recorded_only: bool = 
     return record
 
 
-def merged_with_earlier(records: list[dict], path: Path, asked: set[tuple], eval_samples: dict[str, int]) -> tuple[list[dict], str | None]:
+def merged_with_earlier(records: list[dict], path: Path, asked: set[tuple],
+                        settings: Settings) -> tuple[list[dict], str | None]:
     """``records`` plus the runs of the results file ``path`` written before that this invocation did not
     ask for (``asked``: (model, method, bits, seed), fp32 references as (model, "fp32", 32, None)) and that
     were measured on today's evaluation sets, so a tag run in several invocations keeps one table; also
@@ -357,7 +362,7 @@ def merged_with_earlier(records: list[dict], path: Path, asked: set[tuple], eval
         return records, None
     earlier = json.loads(path.read_text())
     kept = [r for r in earlier["runs"] if (r["model"], r["method"], r["bits"], r["seed"]) not in asked
-            and eval_samples_of(r) == eval_samples.get(r["model"])]
+            and eval_samples_of(r) == settings.eval_samples(r["model"])]
     if not kept:
         return records, None
     order = {name: i for i, name in enumerate(("fp32",) + ALL_METHODS)}
@@ -502,9 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     asked = {(m, "fp32", 32, None) for m in args.models} | {
         (m, method, bits, seed) for m in args.models for method in args.methods for bits in args.bits for seed in args.seeds}
-    records, earlier_command = merged_with_earlier(
-        records, RESULTS / f"{stem}.json", asked,
-        {"smollm2": settings.eval_windows, "whisper": settings.whisper_eval_sentences})
+    records, earlier_command = merged_with_earlier(records, RESULTS / f"{stem}.json", asked, settings)
     if earlier_command:
         command += f"; other runs kept from {earlier_command}"
     rows = summarize(records)

@@ -6,7 +6,8 @@ decoded (dequantized) weights of only a subset of its layers, evaluated like ben
 OUTDIR is an mgvq-compile output of the benchmark's Whisper graph (benchmarks/work/accuracy/models/...).
 Each subset puts the decoded weights of the layers whose names match REGEX (re.search) into the
 benchmark's float graph and measures it as the benchmark does (mgvq_compile.evaluate.whisper_eval_ort:
-teacher-forced NLL and greedy WER on the 16 evaluation sentences). Errors of two layers need not add up: comparing a pair's row with each member's alone shows
+teacher-forced NLL and greedy WER on its evaluation sentences, 64 since 2026-11-24; the
+committed tables read 16). Errors of two layers need not add up: comparing a pair's row with each member's alone shows
 how much they interact. Writes ``benchmarks/results/layer-subsets{-TAG}.json`` and ``.md``, and prints
 the table.
 """

@@ -315,12 +315,13 @@ def test_a_tag_run_in_two_invocations_keeps_one_table(tmp_path):
     path.write_text(json.dumps({"command": "python benchmarks/accuracy.py --methods gptq gptvq", "runs": earlier}))
     now = [fp32, run("gptvq", 0, nll=6.5), run("mgvq", 0, nll=2.5)]
     asked = {("whisper", "fp32", 32, None)} | {("whisper", m, 2.0, 0) for m in ("gptvq", "mgvq")}
-    merged, command = accuracy.merged_with_earlier(now, path, asked, {"whisper": 64})
+    settings = accuracy.Settings(whisper_eval_sentences=64)
+    merged, command = accuracy.merged_with_earlier(now, path, asked, settings)
     # gptvq seed 0 is this invocation's; gptq's runs were not asked for and stay; vlmq's 16-sentence run goes.
     assert [(r["method"], r["seed"], r.get("nll")) for r in merged] == [
         ("fp32", None, None), ("gptq", 0, 9.0), ("gptq", 1, 9.5), ("gptvq", 0, 6.5), ("mgvq", 0, 2.5)]
     assert command == "python benchmarks/accuracy.py --methods gptq gptvq"
-    assert accuracy.merged_with_earlier(now, tmp_path / "none.json", asked, {"whisper": 64}) == (now, None)
+    assert accuracy.merged_with_earlier(now, tmp_path / "none.json", asked, settings) == (now, None)
 
 
 def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
