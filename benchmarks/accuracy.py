@@ -41,6 +41,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_WORK = ROOT / "benchmarks" / "work" / "accuracy"
 ALL_METHODS = ("rtn", "gptq", "vlmq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
 VQ_METHODS = ("kmeans-vq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
+# WER split by kind of edit (they sum to the WER): a near-empty transcript scores about 1 in deletions,
+# a transcript that loops to the token limit above 1 in insertions.
+WER_PARTS = ("wer_substitutions", "wer_deletions", "wer_insertions")
 CALIBRATION_NOVEL = "pride_and_prejudice"
 EVALUATION_NOVEL = "sense_and_sensibility"
 
@@ -133,7 +136,7 @@ def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
 
     def evaluate(path: Path) -> dict:
         result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
-        return {k: result[k] for k in ("wer", "nll", "unfinished_decodes", "hypothesis_words", "n_words")}
+        return {k: result[k] for k in ("wer", *WER_PARTS, "nll", "unfinished_decodes", "hypothesis_words", "n_words")}
 
     return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.eval_samples("whisper"))
 
@@ -242,7 +245,7 @@ def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None
     path = model_path_of(record, setup)
     if not path.is_file():
         raise SystemExit(f"{mismatch}, and its model {path} is gone: delete the record to compute it again")
-    earlier = {k: record[k] for k in ("perplexity", "wer", "nll", "unfinished_decodes") if k in record}
+    earlier = {k: record[k] for k in ("perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes") if k in record}
     record = {**record, **setup.evaluate(path), "eval_samples": wanted,
               "earlier_evaluation": {"eval_samples": had, **earlier}}
     _write_record(record_path, record)
@@ -378,7 +381,8 @@ def _spread(values: list[float]) -> dict:
             "values": values}
 
 
-METRICS = ("perplexity", "log_perplexity", "wer", "nll", "unfinished_decodes", "bits_per_weight", "compile_s", "peak_rss_mb", "files_mb")
+METRICS = ("perplexity", "log_perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes", "bits_per_weight", "compile_s",
+           "peak_rss_mb", "files_mb")
 
 
 def _metric(record: dict, metric: str) -> float | None:
@@ -390,7 +394,7 @@ def _metric(record: dict, metric: str) -> float | None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (model, method, bits): metrics as mean/std over seeds."""
+    """One row per (model, method, bits): metrics as mean/std over seeds, each only where every seed has it."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["model"], r["method"], r["bits"]), []).append(r)
@@ -398,8 +402,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for (model, method, bits), runs in groups.items():
         row = {"model": model, "method": method, "bits": bits, "seeds": [r["seed"] for r in runs]}
         for metric in METRICS:
-            values = [_metric(r, metric) for r in runs if _metric(r, metric) is not None]
-            if values:
+            values = [_metric(r, metric) for r in runs]
+            if None not in values:  # a mean over some of the seeds would read as one over all of them
                 row[metric] = _spread(values)
         rows.append(row)
     return rows
@@ -416,7 +420,7 @@ def markdown(rows: list[dict], header: str) -> str:
     lines = [header, ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         metrics = ([("perplexity", 2), ("log_perplexity", 3)] if model == "smollm2"
-                   else [("wer", 3), ("nll", 3), ("unfinished_decodes", 1)])
+                   else [("wer", 3), *((part, 3) for part in WER_PARTS), ("nll", 3), ("unfinished_decodes", 1)])
         names = [m for m, _ in metrics]
         lines += [f"### {model}", "",
                   "| method | bits | seeds | " + " | ".join(names) + " | stored bits/weight | files MB | compile s | peak RSS MB |",

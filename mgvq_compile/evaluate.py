@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,8 @@ __all__ = [
     "token_nll",
     "perplexity_ort",
     "normalize_transcript",
+    "WordEdits",
+    "word_edits",
     "word_errors",
     "wer",
     "whisper_eval_ort",
@@ -80,16 +82,46 @@ def normalize_transcript(text: str) -> list[str]:
     return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
+class WordEdits(NamedTuple):
+    """One minimum-edit alignment of a hypothesis to its reference, counted by kind of edit."""
+
+    substitutions: int
+    deletions: int
+    insertions: int
+    reference_words: int
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+
+def word_edits(ref: str, hyp: str) -> WordEdits:
+    """Word-level Levenshtein alignment after :func:`normalize_transcript`, split into substitutions,
+    deletions (reference words missing) and insertions (extra hypothesis words). Among the alignments of
+    minimum distance it prefers substitutions, then deletions, so the split is deterministic."""
+    r, h = normalize_transcript(ref), normalize_transcript(hyp)
+    # cost[i][j]: edits turning r[:i] into h[:j].
+    cost = [list(range(len(h) + 1))] + [[i] + [0] * len(h) for i in range(1, len(r) + 1)]
+    for i in range(1, len(r) + 1):
+        for j in range(1, len(h) + 1):
+            cost[i][j] = min(cost[i - 1][j] + 1, cost[i][j - 1] + 1, cost[i - 1][j - 1] + (r[i - 1] != h[j - 1]))
+    subs = dels = ins = 0
+    i, j = len(r), len(h)
+    while i or j:
+        if i and j and cost[i][j] == cost[i - 1][j - 1] + (r[i - 1] != h[j - 1]):
+            subs += r[i - 1] != h[j - 1]
+            i, j = i - 1, j - 1
+        elif i and cost[i][j] == cost[i - 1][j] + 1:
+            dels, i = dels + 1, i - 1
+        else:
+            ins, j = ins + 1, j - 1
+    return WordEdits(subs, dels, ins, len(r))
+
+
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(word-level Levenshtein distance, number of reference words) after :func:`normalize_transcript`."""
-    r, h = normalize_transcript(ref), normalize_transcript(hyp)
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1], len(r)
+    edits = word_edits(ref, hyp)
+    return edits.errors, edits.reference_words
 
 
 def wer(ref: str, hyp: str) -> float:
@@ -152,7 +184,9 @@ def whisper_eval_ort(
     real position pick the next token, until end-of-text or ``decoder_len`` tokens. Given a ``path``, the
     graph is split so the encoder runs once per utterance and only the decoder per token (the same
     computation; logits agree to float rounding); given only a ``session``, the whole graph runs per token.
-    WER is corpus-level: total word edits over total reference words. ``unfinished_decodes`` counts the
+    WER is corpus-level: total word edits over total reference words, also split by kind of edit
+    (``wer_substitutions``, ``wer_deletions``, ``wer_insertions``: a near-empty transcript scores about 1
+    in deletions, a looping one above 1 in insertions). ``unfinished_decodes`` counts the
     decodes that ran to the token limit without end-of-text (at low bits, mostly repetition loops), and
     ``hypothesis_words`` the words transcribed, against ``n_words`` in the references.
     """
@@ -166,7 +200,7 @@ def whisper_eval_ort(
     if audios is not None and len(audios) != len(references):
         raise ValueError(f"{len(audios)} audios for {len(references)} references")
     budget = decoder_len - len(DECODER_PROMPT) if max_new_tokens is None else max_new_tokens
-    total_nll = n_tokens = errors = n_words = hypothesis_words = unfinished = 0
+    total_nll = n_tokens = n_words = hypothesis_words = unfinished = subs = dels = ins = 0
     hypotheses = []
     for i, ref in enumerate(references):
         audio = audios[i] if audios is not None else synthesize_speech(ref)
@@ -185,14 +219,19 @@ def whisper_eval_ort(
             logits_of = lambda ids: session.run(["logits"], {"input_features": feats, "decoder_input_ids": ids})[0]  # noqa: E731
         tokens, ended = _whisper_greedy(logits_of, decoder_len, budget, suppress)
         hyp = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        e, w = word_errors(ref, hyp)
-        errors, n_words = errors + e, n_words + w
+        edits = word_edits(ref, hyp)
+        subs, dels, ins = subs + edits.substitutions, dels + edits.deletions, ins + edits.insertions
+        n_words += edits.reference_words
         hypothesis_words += len(normalize_transcript(hyp))
         unfinished += not ended
         hypotheses.append(hyp)
         logger.info("whisper eval %d: %r -> %r", i, ref, hyp)
+    words = max(n_words, 1)
     return {
-        "wer": errors / max(n_words, 1),
+        "wer": (subs + dels + ins) / words,
+        "wer_substitutions": subs / words,
+        "wer_deletions": dels / words,
+        "wer_insertions": ins / words,
         "nll": total_nll / max(n_tokens, 1),
         "n_tokens": n_tokens,
         "n_words": n_words,

@@ -111,6 +111,13 @@ def _integer_bits(method: str, bits: float) -> int:
     return int(bits)
 
 
+def gptvq_vector_dim(bits: int) -> int:
+    """gptvq's vector dimension at ``bits`` per weight: the largest of 4, 2, 1 whose codes are at most 8 bits
+    wide (256 codewords per layer), so the layer's fp16 codebook stays a small part of the budget. With
+    d = 4 at 3 bits the 4096-codeword codebooks made Whisper tiny store 4.0 bits per weight."""
+    return next(d for d in (4, 2, 1) if bits * d <= 8)
+
+
 def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool = False) -> Recipe:
     """The recipe a method name stands for. With calibration data, statistics are collected (rtn and
     kmeans-vq use them only for the report's proxy loss; vlmq also collects gradients, for H_I).
@@ -148,7 +155,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
     elif method == "vlmq":
         passes.append(_make("quantize-gptq", bits=b, hessian="importance"))
     else:
-        passes.append(_make("quantize-gptvq", bits=b))
+        passes.append(_make("quantize-gptvq", bits=b, vector_dim=gptvq_vector_dim(b)))
     passes.append(fuse)
     return Recipe(method, tuple(passes))
 

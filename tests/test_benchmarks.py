@@ -183,6 +183,18 @@ def test_accuracy_summary_table_and_cold_compile_line():
     assert "960 s = 16.0 min (over the 15-minute target)" in line and "byte-identical to the cached run: yes" in line
 
 
+def test_accuracy_whisper_table_splits_wer_by_edit_and_skips_metrics_some_seeds_lack():
+    parts = [(0.1, 0.8, 0.0), (0.2, 0.0, 1.2)]
+    runs = [{"model": "whisper", "method": "gptvq", "bits": 2.0, "seed": seed, "wer": sum(p), "nll": 6.0,
+             "unfinished_decodes": 30 * seed, **dict(zip(accuracy.WER_PARTS, p))} for seed, p in enumerate(parts)]
+    runs[1]["compile_s"] = 90.0  # a resumed or reused run may lack a metric
+    (row,) = accuracy.summarize(runs)
+    assert "compile_s" not in row and row["wer_deletions"]["values"] == [0.8, 0.0]
+    table = accuracy.markdown([row], "## header")
+    assert "| wer | wer_substitutions | wer_deletions | wer_insertions | nll | unfinished_decodes |" in table
+    assert "| gptvq | 2 | 2 | 1.150 ± 0.354 | 0.150 ± 0.071 | 0.400 ± 0.566 | 0.600 ± 0.849 | 6.000 ± 0.000 | 15.0 ± 21.2 |" in table
+
+
 def test_distortion_step_ratios_are_per_layer_loss_ratios():
     report = {"layers": [{"name": "a", "quantized": True, "proxy_loss": 0.8},
                          {"name": "b", "quantized": True, "proxy_loss": 0.2},

@@ -19,7 +19,7 @@ from mgvq_compile.calibration.data import (
 from mgvq_compile.calibration.feeds import write_feed
 from mgvq_compile.calibration.speech import SAMPLE_RATE, espeak_available, resample, synthesize_speech
 from mgvq_compile.errors import CalibrationError, InputError
-from mgvq_compile.evaluate import normalize_transcript, wer, word_errors
+from mgvq_compile.evaluate import WordEdits, normalize_transcript, wer, word_edits, word_errors
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +251,28 @@ def test_wer():
     assert wer("a b c d", "a c d e f") == pytest.approx(3 / 4)  # one deletion, two insertions
     assert word_errors("", "") == (0, 0) and wer("", "") == 0.0 and wer("", "x") == 1.0
     assert normalize_transcript("Twenty-one, isn't it?") == ["twenty", "one", "isn't", "it"]
+
+
+def _levenshtein(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return len(a) + len(b)
+    return min(_levenshtein(a[1:], b) + 1, _levenshtein(a, b[1:]) + 1, _levenshtein(a[1:], b[1:]) + (a[0] != b[0]))
+
+
+def test_word_edits_split_the_distance_by_kind():
+    assert word_edits("a b c d", "a c d e f") == WordEdits(substitutions=0, deletions=1, insertions=2, reference_words=4)
+    assert word_edits("the cat sat", "the bat sat") == WordEdits(1, 0, 0, 3)
+    assert word_edits("the cat sat on the mat", "you") == WordEdits(1, 5, 0, 6)  # a near-empty transcript
+    assert word_edits("yes", "yes yes yes yes") == WordEdits(0, 0, 3, 1)  # a loop
+    assert word_edits("", "") == WordEdits(0, 0, 0, 0) and word_edits("", "x y") == WordEdits(0, 0, 2, 0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ref, hyp = (" ".join(rng.choice(list("abc"), size=rng.integers(0, 7))) for _ in range(2))
+        edits = word_edits(ref, hyp)
+        assert edits.errors == word_errors(ref, hyp)[0] == _levenshtein(ref.split(), hyp.split())
+        # Every reference word is matched, substituted or deleted; every hypothesis word matched,
+        # substituted or inserted.
+        assert edits.reference_words - edits.deletions == len(hyp.split()) - edits.insertions >= edits.substitutions
 
 
 def test_novel_sentences_are_seeded_clean_and_bounded():

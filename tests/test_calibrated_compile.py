@@ -120,6 +120,19 @@ def test_hessian_aware_methods_beat_round_to_nearest(tmp_path, mlp):
     assert proxy["gptvq"] < proxy["kmeans-vq"]
 
 
+def test_gptvq_recipe_keeps_its_codebooks_at_most_256_codewords():
+    from mgvq_compile.recipes import builtin_recipe
+
+    dims = {}
+    for bits in range(1, 9):
+        (quantize,) = [p for p in builtin_recipe("gptvq", bits=bits, calibrated=True).passes if p.name == "quantize-gptvq"]
+        dims[bits] = quantize.config.vector_dim
+    assert dims == {1: 4, 2: 4, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1, 8: 1}
+    # --set still overrides it.
+    recipe = builtin_recipe("gptvq", bits=3, calibrated=True).with_options({"quantize-gptvq.vector_dim": 4})
+    assert [p.config.vector_dim for p in recipe.passes if p.name == "quantize-gptvq"] == [4]
+
+
 def test_methods_that_need_calibration_say_so(tmp_path, mlp, capsys):
     assert run_cli(mlp, "--method", "gptq", "-o", tmp_path / "out") == 2
     assert "needs calibration data" in capsys.readouterr().err

@@ -135,6 +135,8 @@ def test_whisper_onnx_export_matches_torch_and_transcribes(whisper, tmp_path):
     assert result["wer"] < 0.5, result["hypotheses"]
     assert 0 < result["nll"] < 2.0 and result["n_tokens"] == len(ref) - 2
     assert result["unfinished_decodes"] == 0 and result["hypothesis_words"] == len(normalize_transcript(result["hypotheses"][0])) > 0
+    parts = result["wer_substitutions"], result["wer_deletions"], result["wer_insertions"]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(result["wer"])
     # With a 2-token limit the transcript cannot end on end-of-text.
     cut = whisper_eval_ort(None, tokenizer, [SPOKEN], decoder_len=16, audios=[audio], session=session, max_new_tokens=2)
     assert cut["unfinished_decodes"] == 1 and cut["hypothesis_words"] <= 2
