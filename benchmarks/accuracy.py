@@ -235,7 +235,7 @@ def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None
                        again: bool = False) -> dict:
     """``record`` measured on ``setup``'s evaluation set: a record measured on a set of another size (or
     any, ``again``) is evaluated again from its kept model files, its earlier metrics kept under
-    ``earlier_evaluation``."""
+    ``earlier_evaluation`` (a record evaluated again on the same set keeps its earlier one)."""
     wanted, had = (None if setup is None else setup.eval_samples), eval_samples_of(record)
     if wanted is None or (had == wanted and not again):
         return record
@@ -245,9 +245,11 @@ def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None
     path = model_path_of(record, setup)
     if not path.is_file():
         raise SystemExit(f"{mismatch}, and its model {path} is gone: delete the record to compute it again")
-    earlier = {k: record[k] for k in ("perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes") if k in record}
-    record = {**record, **setup.evaluate(path), "eval_samples": wanted,
-              "earlier_evaluation": {"eval_samples": had, **earlier}}
+    earlier = {"eval_samples": had,
+               **{k: record[k] for k in ("perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes") if k in record}}
+    if had == wanted and "earlier_evaluation" in record:
+        earlier = record["earlier_evaluation"]  # keep the measurement on the other set, not the same one twice
+    record = {**record, **setup.evaluate(path), "eval_samples": wanted, "earlier_evaluation": earlier}
     _write_record(record_path, record)
     return record
 

@@ -303,7 +303,7 @@ def test_accuracy_records_of_another_evaluation_size_are_evaluated_again(tmp_pat
     assert json.loads(record_path.read_text()) == record
     assert accuracy._run_one(*args, recorded_only=True) == record and len(measured) == 1
     again = accuracy._run_one(*args, evaluate_again=True)  # --evaluate-again: measured anew, same size
-    assert len(measured) == 2 and again["earlier_evaluation"] == {"eval_samples": 64, "wer": 0.8, "nll": 2.5}
+    assert len(measured) == 2 and again["earlier_evaluation"] == {"eval_samples": 16, "wer": 1.2, "nll": 3.0}
     # A record whose model files are gone cannot be measured again: it says so rather than keep old numbers.
     record_path.write_text(json.dumps(earlier))
     (model_dir / "model.onnx").unlink()
