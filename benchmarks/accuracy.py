@@ -245,10 +245,11 @@ def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None
     path = model_path_of(record, setup)
     if not path.is_file():
         raise SystemExit(f"{mismatch}, and its model {path} is gone: delete the record to compute it again")
-    earlier = {"eval_samples": had,
-               **{k: record[k] for k in ("perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes") if k in record}}
-    if had == wanted and "earlier_evaluation" in record:
-        earlier = record["earlier_evaluation"]  # keep the measurement on the other set, not the same one twice
+    # Evaluated again on the same set, a record keeps its measurement on the other set, not this one twice.
+    earlier = record.get("earlier_evaluation") if had == wanted else None
+    if earlier is None:
+        earlier = {"eval_samples": had,
+                   **{k: record[k] for k in ("perplexity", "wer", *WER_PARTS, "nll", "unfinished_decodes") if k in record}}
     record = {**record, **setup.evaluate(path), "eval_samples": wanted, "earlier_evaluation": earlier}
     _write_record(record_path, record)
     return record
@@ -280,16 +281,21 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
     key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}.json"
     calibration = None if setup is None else setup.calib_dir.name
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if calibration is not None and calibration_of(record) not in (None, calibration):
-            raise SystemExit(f"{record_path} was calibrated on {calibration_of(record)}, but this run calibrates on "
-                             f"{calibration}: pass another --tag (or --calib-samples), or delete the record to recompute it")
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and calibration is not None and calibration_of(record) not in (None, calibration):
+        raise SystemExit(f"{record_path} was calibrated on {calibration_of(record)}, but this run calibrates on "
+                         f"{calibration}: pass another --tag (or --calib-samples), or delete the record to recompute it")
+    if record is None or "reused_from" in record:
+        # A kept copy of a reused run follows its committed source when that was measured anew (evaluated
+        # again, say), unless only the copy is on today's evaluation set.
+        reused = reused_record(list(reuse), model, method, bits, seed, calibration)
+        measured = lambda r: {k: v for k, v in r.items() if k != "reused_from"}  # noqa: E731
+        if reused is not None and (record is None or measured(reused) != measured(record) and (
+                setup is None or eval_samples_of(reused) == setup.eval_samples)):
+            _write_record(record_path, reused)
+            record = reused
+    if record is not None:
         return _on_evaluation_set(record, record_path, setup, recorded_only, evaluate_again)
-    reused = reused_record(list(reuse), model, method, bits, seed, calibration)
-    if reused is not None:
-        _write_record(record_path, reused)
-        return _on_evaluation_set(reused, record_path, setup, recorded_only, evaluate_again)
     if recorded_only:
         return None
     out = work / "models" / key

@@ -94,6 +94,12 @@ class WordEdits(NamedTuple):
     def errors(self) -> int:
         return self.substitutions + self.deletions + self.insertions
 
+    @property
+    def hypothesis_words(self) -> int:
+        """Every hypothesis word is matched, substituted or inserted; every reference word matched,
+        substituted or deleted."""
+        return self.reference_words - self.deletions + self.insertions
+
 
 def word_edits(ref: str, hyp: str) -> WordEdits:
     """Word-level Levenshtein alignment after :func:`normalize_transcript`, split into substitutions,
@@ -222,7 +228,7 @@ def whisper_eval_ort(
         edits = word_edits(ref, hyp)
         subs, dels, ins = subs + edits.substitutions, dels + edits.deletions, ins + edits.insertions
         n_words += edits.reference_words
-        hypothesis_words += len(normalize_transcript(hyp))
+        hypothesis_words += edits.hypothesis_words
         unfinished += not ended
         hypotheses.append(hyp)
         logger.info("whisper eval %d: %r -> %r", i, ref, hyp)

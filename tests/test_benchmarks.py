@@ -252,6 +252,21 @@ def test_accuracy_reuse_takes_a_committed_record_marked_and_maps_methods(tmp_pat
     assert accuracy._run_one(*args, "mgvq", 3.0, 2, [], "new", recorded_only=True, reuse=["old"]) is None
     assert accuracy._run_one(*args, "mgvq", 3.0, 1, [], "new", recorded_only=True, reuse=["old:gptvq"]) is None
     assert accuracy._run_one(*args, "mgvq", 3.0, 1, [], "new", recorded_only=True, reuse=["old:mgvq"])["nll"] == 1.5
+    # The committed source changes (evaluated again, say): the kept copy follows it when reused again.
+    (tmp_path / "results" / "accuracy-old.json").write_text(json.dumps({"runs": [{**committed, "wer_deletions": 0.9}]}))
+    accuracy._committed_runs.cache_clear()  # a later benchmark reads the file anew
+    kept = accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", recorded_only=True)
+    assert "wer_deletions" not in kept  # without --reuse the copy stands
+    followed = accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", recorded_only=True, reuse=["old:mgvq=mgvq-no-grad"])
+    assert followed == {**record, "wer_deletions": 0.9}
+    assert accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", recorded_only=True) == followed
+    # Only a new measurement counts: a source that differs in where it came from alone (a table reusing
+    # its own runs) leaves the copy as it is.
+    (tmp_path / "results" / "accuracy-old.json").write_text(json.dumps(
+        {"runs": [{**committed, "wer_deletions": 0.9, "reused_from": "no --tag, method mgvq"}]}))
+    accuracy._committed_runs.cache_clear()
+    assert accuracy._run_one(*args, "mgvq-no-grad", 3.0, 1, [], "new", recorded_only=True,
+                             reuse=["old:mgvq=mgvq-no-grad"]) == followed
     for bad in ("missing", "old:mgvq=", ":mgvq=mgvq"):
         with pytest.raises(SystemExit, match="--reuse"):
             accuracy.reused_record([bad], "whisper", "mgvq", 3.0, 1)

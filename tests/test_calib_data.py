@@ -273,6 +273,7 @@ def test_word_edits_split_the_distance_by_kind():
         # Every reference word is matched, substituted or deleted; every hypothesis word matched,
         # substituted or inserted.
         assert edits.reference_words - edits.deletions == len(hyp.split()) - edits.insertions >= edits.substitutions
+        assert edits.hypothesis_words == len(hyp.split())
 
 
 def test_novel_sentences_are_seeded_clean_and_bounded():
