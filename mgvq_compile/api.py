@@ -143,7 +143,11 @@ def _new_context(graphs, feeds, seed, labels, logits_name, device, progress, wor
     """The compile context, its cache key and its artifact directory (None without ``resume``)."""
     layers = [layer for name, g in graphs.items() for layer in find_linear_layers(g, name)]
     if not layers:
-        raise InputError("the model has no MatMul/Gemm with a 2-D weight initializer to quantize")
+        raise InputError(
+            "the model has no MatMul/Gemm with a 2-D float weight initializer to quantize",
+            "export it with its weights as initializers (torch.onnx.export keeps them so); the LM head, "
+            "embeddings, tied weights and MatMuls that produce a graph output are left in float by design",
+        )
     modalities: dict[str, str] = {}
     for name, g in graphs.items():
         modalities.update(tag_modalities(g, [layer for layer in layers if layer.graph == name]))

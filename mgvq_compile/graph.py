@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import logging
@@ -19,6 +20,8 @@ from mgvq_compile.errors import InputError
 __all__ = [
     "LinearLayer",
     "load_onnx",
+    "expose_linear_weights",
+    "restore_weight_names",
     "opset_of",
     "find_linear_layers",
     "input_modalities",
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _VISION_INPUTS = re.compile(r"pixel|image|vision|video", re.IGNORECASE)
 _AUDIO_INPUTS = re.compile(r"input_features|audio|mel|speech|wav", re.IGNORECASE)
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _DEFAULT_SKIP = (r"(^|[./_])lm_head([./_]|$)", r"embed_tokens", r"(^|[./_])wte([./_]|$)")
 
 
@@ -78,7 +82,97 @@ def load_onnx(path: str | Path) -> ir.Model:
         )
     model = ir.serde.deserialize_model(proto)
     _set_base_dir(model, path.parent)
+    restore_weight_names(model)
+    expose_linear_weights(model)
     return model
+
+
+def restore_weight_names(model: ir.Model, prefix: str = "") -> None:
+    """Give initializers their module paths back, without ``prefix``.
+
+    torch's exporter folds ``Transpose(weight)`` into new constants named ``val_N`` and records the source
+    in their metadata; a folded MatMul weight takes its source's name (it holds W^T, as MatMul's B input
+    does). Captures through a wrapper module also strip the wrapper attribute's ``prefix`` from every name.
+    """
+    graph = model.graph
+    renames = {name: name[len(prefix):] for name in graph.initializers if prefix and name.startswith(prefix)}
+    final_names = {renames.get(name, name) for name in graph.initializers}
+    for name, value in list(graph.initializers.items()):
+        sources = value.metadata_props.get(_FOLDED_FROM)
+        if name in renames or not sources:
+            continue
+        try:
+            parsed = ast.literal_eval(sources)
+        except (ValueError, SyntaxError):
+            continue
+        # Only constants folded from one parameter (prefixed name) take its name back.
+        if isinstance(parsed, list) and len(parsed) == 1 and str(parsed[0]).startswith(prefix):
+            candidate = str(parsed[0])[len(prefix):]
+            if candidate not in final_names:
+                renames[name] = candidate
+                final_names.discard(name)
+                final_names.add(candidate)
+    for old, new in renames.items():
+        value = graph.initializers.pop(old)
+        value.name = new
+        graph.initializers[new] = value
+
+
+_WEIGHT_SLOTS = {("MatMul", 1), ("Gemm", 1), ("Transpose", 0)}
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _only_feeds_weight_slots(value: ir.Value) -> bool:
+    uses = value.uses()
+    return bool(uses) and all((use.node.op_type, use.idx) in _WEIGHT_SLOTS and use.node.domain in ("", "ai.onnx")
+                              for use in uses)
+
+
+def _replace_with_initializer(graph: ir.Graph, node: ir.Node, tensor: ir.TensorProtocol, name: str) -> None:
+    """Put an initializer ``name`` holding ``tensor`` where ``node``'s output was, and drop ``node``."""
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    ir.convenience.replace_all_uses_with(node.outputs[0], value)
+    graph.remove(node, safe=True)
+    graph.register_initializer(value)
+
+
+def expose_linear_weights(model: ir.Model) -> int:
+    """Rewrite the main graph so each linear layer's weight is an initializer feeding its MatMul/Gemm, as
+    :func:`find_linear_layers` expects; returns how many nodes were folded away. Exports without constant
+    folding (``torch.onnx.export(..., optimize=False)`` or ``do_constant_folding=False``) compute a
+    MatMul's weight as ``Transpose(W)``, and some exporters keep weights in Constant nodes. A 2-D float
+    Constant that only feeds weight inputs becomes an initializer; ``Transpose`` of a 2-D float initializer
+    used nowhere else becomes that initializer transposed, under the original name, so the report
+    keeps the parameter's name. Other nodes, tied weights and initializers that are also graph inputs
+    (overridable at run time) are left as they are. The results are exactly equal."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+            continue
+        output = node.outputs[0]
+        if node.op_type == "Constant" and "value" in node.attributes and len(node.attributes) == 1:
+            tensor = node.attributes["value"].as_tensor()
+            if len(tensor.shape) == 2 and tensor.dtype in _FLOAT_TYPES and _only_feeds_weight_slots(output):
+                _replace_with_initializer(graph, node, tensor, output.name)
+                folded += 1
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.outputs[0].is_graph_output():
+            continue
+        source = _initializer(graph, node.inputs[0])
+        if (source is None or source.is_graph_input() or len(source.uses()) != 1
+                or source.const_value.dtype not in _FLOAT_TYPES or len(source.const_value.shape) != 2
+                or not _only_feeds_weight_slots(node.outputs[0])):
+            continue
+        perm = node.attributes.get_ints("perm", None) or (1, 0)
+        array = np.ascontiguousarray(source.const_value.numpy().transpose(perm))
+        name = source.name
+        graph.initializers.pop(name)
+        _replace_with_initializer(graph, node, ir.Tensor(array, dtype=source.const_value.dtype, name=name), name)
+        folded += 1
+    if folded:
+        logger.info("folded %d Constant/Transpose nodes into weight initializers", folded)
+    return folded
 
 
 def _missing_external_files(proto: onnx.ModelProto, base: Path) -> set[str]:

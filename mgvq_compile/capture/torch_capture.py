@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import logging
 import os
@@ -14,13 +13,13 @@ import onnx_ir as ir
 import torch
 
 from mgvq_compile.errors import CaptureError
+from mgvq_compile.graph import restore_weight_names
 
-__all__ = ["capture_module", "restore_weight_names"]
+__all__ = ["capture_module"]
 
 logger = logging.getLogger(__name__)
 
 _ROOT = "captured"
-_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 
 
 @contextlib.contextmanager
@@ -54,37 +53,6 @@ class _NamedInputs(torch.nn.Module):
         if isinstance(out, (tuple, list)):
             return out[0]
         return out
-
-
-def restore_weight_names(model: ir.Model, prefix: str = f"{_ROOT}.") -> None:
-    """Give initializers their module paths back.
-
-    The exporter prefixes names with the wrapper's attribute, and the optimizer folds
-    ``Transpose(weight)`` into new constants named ``val_N``; those record their source in metadata.
-    A folded MatMul weight takes its source's name (it holds W^T, as MatMul's B input does).
-    """
-    graph = model.graph
-    renames = {name: name[len(prefix):] for name in graph.initializers if name.startswith(prefix)}
-    final_names = {renames.get(name, name) for name in graph.initializers}
-    for name, value in list(graph.initializers.items()):
-        sources = value.metadata_props.get(_FOLDED_FROM)
-        if name in renames or not sources:
-            continue
-        try:
-            parsed = ast.literal_eval(sources)
-        except (ValueError, SyntaxError):
-            continue
-        # Only constants folded from one parameter (prefixed name) take its name back.
-        if len(parsed) == 1 and str(parsed[0]).startswith(prefix):
-            candidate = str(parsed[0])[len(prefix):]
-            if candidate not in final_names:
-                renames[name] = candidate
-                final_names.discard(name)
-                final_names.add(candidate)
-    for old, new in renames.items():
-        value = graph.initializers.pop(old)
-        value.name = new
-        graph.initializers[new] = value
 
 
 def _summary(exc: BaseException, limit: int = 800) -> str:
@@ -127,6 +95,6 @@ def capture_module(
             "(mgvq_compile.capture.vlm) that precomputes data-dependent index tensors",
         ) from exc
     model = program.model
-    restore_weight_names(model)
+    restore_weight_names(model, prefix=f"{_ROOT}.")
     logger.info("captured %s: %d nodes, %d initializers", type(module).__name__, len(model.graph), len(model.graph.initializers))
     return model

@@ -29,7 +29,8 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from mgvq_compile.capture.torch_capture import capture_module, restore_weight_names
+from mgvq_compile.capture.torch_capture import capture_module
+from mgvq_compile.graph import restore_weight_names
 from mgvq_compile.errors import CaptureError
 
 __all__ = ["CaptureSpec", "capture_vlm", "vlm_adapter", "weight_modules", "ADAPTERS"]
