@@ -1,5 +1,6 @@
-"""QuantizeGPTVQ: vector quantization with a Hessian-weighted k-means codebook per layer and GPTQ-style
-error feedback (BlockLDLQ with d-column blocks) under H_X; uniform bits (the ``gptvq`` method)."""
+"""QuantizeGPTVQ: vector quantization with a Hessian-weighted k-means codebook per layer, GPTQ-style
+error feedback (BlockLDLQ with d-column blocks) under H_X and GPTVQ's codebook update; uniform bits (the
+``gptvq`` method)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 
 from mgvq_compile.algorithms.gptq import block_ldlq
+from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_nearest
-from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
+from mgvq_compile.algorithms.weighted_kmeans import refine_group_codebooks, weighted_kmeans
 from mgvq_compile.graph import LinearLayer
 from mgvq_compile.passes._common import check_vq_bits, layer_hessian, quantize_in_stages
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
@@ -21,7 +23,7 @@ __all__ = ["QuantizeGPTVQConfig", "QuantizeGPTVQ"]
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeGPTVQConfig(PassConfig):
-    VERSION = 2  # 2: encoder_stage
+    VERSION = 3  # 2: encoder_stage; 3: codebook_update
     bits: int = 2
     vector_dim: int = 4
     iterations: int = 10
@@ -32,6 +34,10 @@ class QuantizeGPTVQConfig(PassConfig):
     # the encoder quantized, as compensate.encoder_stage does for mgvq (the same cut, so the methods
     # compare on the same statistics); nothing on a text-only model.
     encoder_stage: bool = True
+    # GPTVQ's codebook update (van Baalen et al., 2024): after rounding, the codewords are re-solved for
+    # the fixed codes to minimise the layer's output error tr((W - Q) H (W - Q)^T), once. Off: the
+    # k-means codebook as fitted (this pass before 2026-11-24).
+    codebook_update: bool = True
 
     def __post_init__(self) -> None:
         check_vq_bits("gptvq", self.bits, self.vector_dim)
@@ -68,6 +74,8 @@ class QuantizeGPTVQ(Pass):
                     return codebook[chosen].to(targets.dtype)
 
                 block_ldlq(w.to(torch.float64), h, assign, d=d, damp_rel=cfg.damp_rel)
+                if cfg.codebook_update:
+                    (codebook,) = refine_group_codebooks(w, [codes], [codebook], [0, n], damp(h, cfg.damp_rel)[0], d)
                 group = VQGroup(0, n, cfg.bits, codebook.numpy().astype(np.float16), codes.numpy())
                 return VQWeight(m, n, d, (group,))
             return quantize

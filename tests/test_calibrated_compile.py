@@ -140,3 +140,20 @@ def test_methods_that_need_calibration_say_so(tmp_path, mlp, capsys):
     assert run_cli(mlp, "--method", "vlmq", "--calib", no_labels, "-o", tmp_path / "out") == 2
     assert "--labels model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gptvq_codebook_update_lowers_every_layers_proxy_loss(tmp_path, mlp):
+    """GPTVQ's codebook update re-solves the codewords for the rounded codes under H_X: no layer's proxy loss
+    tr((W - Q) H_X (W - Q)^T) rises, the model's falls, and the stored bits are the same."""
+    calib = write_calib(tmp_path / "calib", count=4)
+    reports = {}
+    for name, extra in (("updated", ()), ("as-fitted", ("--set", "quantize-gptvq.codebook_update=false"))):
+        out = tmp_path / name
+        assert run_cli(mlp, "--method", "gptvq", "--bits", "2", "--calib", calib, "-o", out,
+                       "--work-dir", tmp_path / "w", *extra) == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    updated, fitted = ({layer["name"]: layer["proxy_loss"] for layer in reports[k]["layers"]} for k in ("updated", "as-fitted"))
+    assert updated.keys() == fitted.keys() and len(updated) == 3
+    assert all(updated[name] <= fitted[name] + 1e-9 for name in updated)
+    assert sum(updated.values()) < sum(fitted.values())
+    assert reports["updated"]["summary"]["bits_per_weight"] == reports["as-fitted"]["summary"]["bits_per_weight"]
