@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 _VISION_INPUTS = re.compile(r"pixel|image|vision|video", re.IGNORECASE)
 _AUDIO_INPUTS = re.compile(r"input_features|audio|mel|speech|wav", re.IGNORECASE)
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+_EXPORTER_NAME = re.compile(r"val_\d+")
 _DEFAULT_SKIP = (r"(^|[./_])lm_head([./_]|$)", r"embed_tokens", r"(^|[./_])wte([./_]|$)")
 
 
@@ -93,13 +94,15 @@ def restore_weight_names(model: ir.Model, prefix: str = "") -> None:
     torch's exporter folds ``Transpose(weight)`` into new constants named ``val_N`` and records the source
     in their metadata; a folded MatMul weight takes its source's name (it holds W^T, as MatMul's B input
     does). Captures through a wrapper module also strip the wrapper attribute's ``prefix`` from every name.
+    Without a ``prefix`` (an ONNX file as given) only the exporter's own ``val_N`` names are replaced: a file
+    that our capture wrote already has parameter names, while its records still carry the wrapper's prefix.
     """
     graph = model.graph
     renames = {name: name[len(prefix):] for name in graph.initializers if prefix and name.startswith(prefix)}
     final_names = {renames.get(name, name) for name in graph.initializers}
     for name, value in list(graph.initializers.items()):
         sources = value.metadata_props.get(_FOLDED_FROM)
-        if name in renames or not sources:
+        if name in renames or not sources or not (prefix or _EXPORTER_NAME.fullmatch(name)):
             continue
         try:
             parsed = ast.literal_eval(sources)

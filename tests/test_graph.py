@@ -54,8 +54,13 @@ def _run(path, x: np.ndarray) -> np.ndarray:
 def test_load_onnx_folds_computed_weights_into_initializers_exactly(tmp_path):
     import onnx_ir as ir
 
+    proto = _unfolded_model()
+    # As a file our capture wrote: parameter names, and the exporter's record with the wrapper's prefix.
+    head = helper.make_tensor_value_info("head.weight", TensorProto.FLOAT, [12, 4])
+    head.metadata_props.add(key="pkg.onnxscript.optimizer.folded_from", value="['captured.head.weight']")
+    proto.graph.value_info.append(head)
     path = tmp_path / "unfolded.onnx"
-    onnx.save(_unfolded_model(), str(path))
+    onnx.save(proto, str(path))
     assert [layer.weight for layer in find_linear_layers(ir.load(str(path)))] == ["head.weight"]
 
     model = load_onnx(path)
