@@ -38,6 +38,7 @@ _VISION_INPUTS = re.compile(r"pixel|image|vision|video", re.IGNORECASE)
 _AUDIO_INPUTS = re.compile(r"input_features|audio|mel|speech|wav", re.IGNORECASE)
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _EXPORTER_NAME = re.compile(r"val_\d+")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _DEFAULT_SKIP = (r"(^|[./_])lm_head([./_]|$)", r"embed_tokens", r"(^|[./_])wte([./_]|$)")
 
 
@@ -122,7 +123,6 @@ def restore_weight_names(model: ir.Model, prefix: str = "") -> None:
 
 
 _WEIGHT_SLOTS = {("MatMul", 1), ("Gemm", 1), ("Transpose", 0)}
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 def _only_feeds_weight_slots(value: ir.Value) -> bool:
@@ -222,7 +222,7 @@ def find_linear_layers(
         if len(node.inputs) < 2:
             continue
         weight = _initializer(graph, node.inputs[1])
-        if weight is None or weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        if weight is None or weight.const_value.dtype not in _FLOAT_TYPES:
             continue
         shape = tuple(weight.const_value.shape)
         if len(shape) != 2 or any(p.search(weight.name) for p in skip_patterns):

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from mgvq_compile.algorithms.gptq import block_ldlq
+from mgvq_compile.algorithms.gptq import block_ldlq, feedback_factor
 from mgvq_compile.algorithms.hessian import damp
 from mgvq_compile.algorithms.kmeans import assign_nearest
 from mgvq_compile.algorithms.weighted_kmeans import refine_group_codebooks, weighted_kmeans
@@ -73,9 +73,10 @@ class QuantizeGPTVQ(Pass):
                     codes[:, block] = chosen
                     return codebook[chosen].to(targets.dtype)
 
-                block_ldlq(w.to(torch.float64), h, assign, d=d, damp_rel=cfg.damp_rel)
+                h_damped = damp(h, cfg.damp_rel)[0]  # one damping for the rounding and the codebook update
+                block_ldlq(w.to(torch.float64), h, assign, d=d, feedback=feedback_factor(h_damped, d)[0])
                 if cfg.codebook_update:
-                    (codebook,) = refine_group_codebooks(w, [codes], [codebook], [0, n], damp(h, cfg.damp_rel)[0], d)
+                    (codebook,) = refine_group_codebooks(w, [codes], [codebook], [0, n], h_damped, d)
                 group = VQGroup(0, n, cfg.bits, codebook.numpy().astype(np.float16), codes.numpy())
                 return VQWeight(m, n, d, (group,))
             return quantize

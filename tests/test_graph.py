@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -52,8 +53,6 @@ def _run(path, x: np.ndarray) -> np.ndarray:
 
 
 def test_load_onnx_folds_computed_weights_into_initializers_exactly(tmp_path):
-    import onnx_ir as ir
-
     proto = _unfolded_model()
     # As a file our capture wrote: parameter names, and the exporter's record with the wrapper's prefix.
     head = helper.make_tensor_value_info("head.weight", TensorProto.FLOAT, [12, 4])
@@ -105,7 +104,5 @@ def test_load_onnx_finds_every_linear_of_torch_exports_by_parameter_name(tmp_pat
         model = load_onnx(path)
         found = [(layer.weight, layer.out_features, layer.in_features) for layer in find_linear_layers(model)]
         assert found == expected, options
-        import onnx_ir as ir
-
         ir.save(model, str(tmp_path / "loaded.onnx"))
         np.testing.assert_array_equal(_run(tmp_path / "loaded.onnx", x.numpy()), _run(path, x.numpy()))
