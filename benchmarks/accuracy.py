@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mgvq_compile.output import write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_WORK = ROOT / "benchmarks" / "work" / "accuracy"
@@ -226,9 +228,7 @@ def model_path_of(record: dict, setup: ModelSetup) -> Path:
 
 def _write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def _on_evaluation_set(record: dict, record_path: Path, setup: ModelSetup | None, recorded_only: bool,
@@ -527,11 +527,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} cores, Python {platform.python_version()}. Settings: "
               + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(
         {"command": command, "settings": dataclasses.asdict(settings), "rows": rows, "runs": records,
          "cold_compiles": cold}, indent=1))
     table = markdown(rows, header) + "\n".join(cold_compile_lines(cold)) + ("\n" if cold else "")
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", table + "\n")
     print(table)
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import accuracy
+from mgvq_compile.output import write_text_atomic
 
 METRICS = {"proxy_loss": "after compensation", "proxy_loss_before_compensation": "fitted codebooks, no compensation"}
 
@@ -79,8 +80,8 @@ def write_results(model: str, command: str, seed: int, results: list[dict]) -> s
                      f"{r['geometric_mean']:.2f} | {r['median']:.2f} | {r['q10']:.2f}-{r['q90']:.2f} |")
     table = "\n".join(lines) + "\n"
     accuracy.RESULTS.mkdir(parents=True, exist_ok=True)
-    (accuracy.RESULTS / f"distortion-{model}.json").write_text(json.dumps({"command": command, "rows": results}, indent=1))
-    (accuracy.RESULTS / f"distortion-{model}.md").write_text(table)
+    write_text_atomic(accuracy.RESULTS / f"distortion-{model}.json", json.dumps({"command": command, "rows": results}, indent=1))
+    write_text_atomic(accuracy.RESULTS / f"distortion-{model}.md", table)
     return table
 
 

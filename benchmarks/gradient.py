@@ -33,6 +33,7 @@ import accuracy
 from mgvq_compile.algorithms.gptq import newton_step
 from mgvq_compile.algorithms.statistics import first_order_transfer, gradient_cosine, gradient_signal_ratio
 from mgvq_compile.api import collect_statistics
+from mgvq_compile.output import write_text_atomic
 
 HELDOUT = "held-out"
 GRADIENT = "gradient (no curvature)"
@@ -161,10 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries += summarize(model, layers[model])
         del sets
     table = markdown(command, summaries)
-    accuracy.RESULTS.mkdir(parents=True, exist_ok=True)
-    (accuracy.RESULTS / "gradient.json").write_text(
-        json.dumps({"command": command, "summaries": summaries, "layers": layers}, indent=1))
-    (accuracy.RESULTS / "gradient.md").write_text(table)
+    write_text_atomic(accuracy.RESULTS / "gradient.json",
+                      json.dumps({"command": command, "summaries": summaries, "layers": layers}, indent=1))
+    write_text_atomic(accuracy.RESULTS / "gradient.md", table)
     print(table)
     return 0
 

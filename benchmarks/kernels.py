@@ -45,6 +45,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mgvq_compile.errors import MgvqError
+from mgvq_compile.output import write_text_atomic
 from mgvq_compile.runtime import create_session
 from opbench import (
     SHAPES,
@@ -58,7 +59,6 @@ from opbench import (
     session_rss_growth,
     time_runs,
     vq_model,
-    write_atomic,
 )
 
 __all__ = ["main", "OPS", "SHAPES", "FULL", "QUICK", "add_ratios", "speed_check", "kernel_isa", "memory_check",
@@ -466,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         "layouts": layouts,
     }
     report = markdown_report(record)
-    write_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")
-    write_atomic(args.out_dir / "kernels.md", report)
+    write_text_atomic(args.out_dir / "kernels.json", json.dumps(record, indent=1) + "\n")
+    write_text_atomic(args.out_dir / "kernels.md", report)
     print(report)
     return 0
 

@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 from mgvq_compile import runtime  # noqa: E402
 from mgvq_compile.errors import MgvqError  # noqa: E402
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight, vqgemm_reference  # noqa: E402
-from opbench import SHAPES, time_runs, write_atomic  # noqa: E402
+from mgvq_compile.output import write_text_atomic  # noqa: E402
+from opbench import SHAPES, time_runs  # noqa: E402
 
 __all__ = ["main", "SHAPES", "OPS", "device_info", "build_model", "markdown_table"]
 
@@ -335,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# CUDA kernels on {info['name']} (driver {info['driver']}, ORT {ort.__version__})\n\n"
               f"Measured device bandwidth {measured:.0f} GB/s (read + write), theoretical peak "
               f"{info['peak_gbs']:.0f} GB/s. Float16 activations; stacked = per-op time among L copies.\n\n")
-    write_atomic(args.out_dir / "kernels_cuda.json", json.dumps(record, indent=1) + "\n")
-    write_atomic(args.out_dir / "kernels_cuda.md", header + table + "\n")
+    write_text_atomic(args.out_dir / "kernels_cuda.json", json.dumps(record, indent=1) + "\n")
+    write_text_atomic(args.out_dir / "kernels_cuda.md", header + table + "\n")
     print(header + table)
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (the benchmark's settings, evaluation novel and results folder)
+from mgvq_compile.output import write_text_atomic  # noqa: E402
 
 DEFAULT_SUBSETS = (
     "none=^$", "all=.", "encoder=^model\\.encoder\\.", "decoder=^model\\.decoder\\.",
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines) + "\n"
     suffix = f"-{args.tag}" if args.tag else ""
     accuracy.RESULTS.mkdir(parents=True, exist_ok=True)
-    (accuracy.RESULTS / f"layer-subsets{suffix}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    (accuracy.RESULTS / f"layer-subsets{suffix}.md").write_text(table)
+    write_text_atomic(accuracy.RESULTS / f"layer-subsets{suffix}.json", json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    write_text_atomic(accuracy.RESULTS / f"layer-subsets{suffix}.md", table)
     print(table)
     return 0
 

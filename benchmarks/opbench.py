@@ -29,7 +29,6 @@ from mgvq_compile.runtime import create_session
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight
 
 __all__ = [
-    "write_atomic",
     "Timing",
     "single_op_model",
     "vq_model",
@@ -218,14 +217,6 @@ def copy_bandwidth_gbs(nbytes: int = 512 << 20, runs: int = 9) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Session memory
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def zero_feed(session: ort.InferenceSession) -> dict[str, np.ndarray]:

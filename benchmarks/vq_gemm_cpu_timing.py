@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mgvq_compile import runtime
+from mgvq_compile.output import write_text_atomic
 from opbench import dense_model, median_ms, nbits_model, vq_model
 
 __all__ = ["main"]
@@ -67,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {ms:.3f} |")
     print(f"vqgemm(auto) / best MatMulNBits(2 bits) = {record['vqgemm_over_best_matmulnbits2']:.3f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -81,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from mgvq_compile.api import compile as compile_model
+    from mgvq_compile.output import write_text_atomic
     from mgvq_compile.recipes import builtin_recipe, load_recipe
 
     try:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe is not None and options:
             recipe, options = recipe.with_options(options), {}
         if args.save_recipe:
-            Path(args.save_recipe).write_text(recipe.to_yaml())
+            write_text_atomic(args.save_recipe, recipe.to_yaml())
             print(f"recipe written to {args.save_recipe}")
             if args.output is None:
                 return 0

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from mgvq_compile.errors import MgvqError
     from mgvq_compile.evaluate import perplexity_ort
     from mgvq_compile.models.smollm2 import export_causal_lm_onnx, load_smollm2
+    from mgvq_compile.output import write_text_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| model | files (MB) | perplexity | eval time (s) |\n|---|---|---|---|")
     for label, size, ppl, seconds in rows:
         print(f"| {label} | {size / 1e6:.1f} | {ppl:.2f} | {seconds:.1f} |")
-    (quant_dir / "demo.json").write_text(
+    write_text_atomic(
+        quant_dir / "demo.json",
         json.dumps({"rows": [dict(zip(("model", "bytes", "perplexity", "eval_s"), r)) for r in rows],
                     "compile_s": compile_s, "args": vars(args)}, indent=2)
     )

@@ -19,7 +19,8 @@ from onnx import numpy_helper
 from mgvq_compile.errors import InputError
 from mgvq_compile.vqgemm import decode_from_stored
 
-__all__ = ["check_output_dir", "write_output_dir", "stored_initializer_bytes", "graph_file_name", "dequantized_weights"]
+__all__ = ["check_output_dir", "write_output_dir", "stored_initializer_bytes", "graph_file_name", "dequantized_weights",
+           "write_json_atomic", "write_text_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,21 @@ def stored_initializer_bytes(onnx_path: Path) -> dict[str, int]:
     return sizes
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a reader (or a run
+    killed halfway) never leaves half a file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def dequantized_weights(out: str | os.PathLike, graph_file: str = "model.onnx") -> dict[str, np.ndarray]:
