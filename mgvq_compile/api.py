@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from mgvq_compile.cache import default_work_dir
 from mgvq_compile.errors import CalibrationError, InputError, RecipeError
 from mgvq_compile.graph import find_linear_layers, load_onnx, model_fingerprint, tag_modalities, weight_matrix
 from mgvq_compile.output import check_output_dir, graph_file_name, stored_initializer_bytes, write_json_atomic, write_output_dir
@@ -37,14 +38,6 @@ class CompileResult:
     report: dict[str, Any]
     recipe: Recipe
     models: dict[str, ir.Model]
-
-
-def default_work_dir() -> Path:
-    """Where artifacts of long passes are kept between runs (``MGVQ_CACHE_DIR`` overrides)."""
-    base = os.environ.get("MGVQ_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mgvq-compile"
-    )
-    return Path(base)
 
 
 def _as_graphs(model: Any, example_inputs: Mapping[str, Any] | None) -> dict[str, ir.Model]:

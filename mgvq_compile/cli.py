@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Any
 
 import yaml
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mgvq-compile",
         description="Quantize an ONNX model to ~2 bits per weight with vector quantization.",
+        epilog="'mgvq-compile cache' shows the artifact cache of resumable compiles and prunes it (see its --help).",
     )
     parser.add_argument("model", metavar="MODEL", help="an .onnx file (external data next to it is read)")
     parser.add_argument("-o", "--output", metavar="OUTDIR", help="output directory (must not exist, see --overwrite)")
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a pass option of the recipe, e.g. --set compensate.lam=0.1 (repeatable)")
     parser.add_argument("--plots", action="store_true", help="also write bits-per-layer and error-per-layer PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
-    parser.add_argument("--work-dir", metavar="DIR", help="where resumable artifacts are kept (default ~/.cache/mgvq-compile)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="where resumable artifacts are kept (default ~/.cache/mgvq-compile; "
+                             "'mgvq-compile cache --help' shows and prunes it)")
     parser.add_argument("--no-resume", action="store_true", help="recompute everything, store nothing")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
@@ -73,7 +77,67 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def build_cache_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgvq-compile cache",
+        description="Show the artifact cache of resumable compiles, or prune it (least recently used first). "
+                    "Pruning only costs time: a later compile recomputes what it needs.",
+    )
+    parser.add_argument("--work-dir", metavar="DIR", help="the cache (default: $MGVQ_CACHE_DIR or ~/.cache/mgvq-compile)")
+    parser.add_argument("--prune", action="store_true", help="remove entries (needs --max-size and/or --older-than)")
+    parser.add_argument("--max-size", metavar="SIZE", help="keep at most SIZE, e.g. 20G or 500M")
+    parser.add_argument("--older-than", metavar="AGE", help="remove entries unused for AGE, e.g. 30d, 12h, 2w")
+    parser.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
+    return parser
+
+
+def cache_main(argv: list[str]) -> int:
+    from mgvq_compile.cache import cache_entries, default_work_dir, human_size, parse_age, parse_size, prune_cache
+
+    parser = build_cache_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    work_dir = args.work_dir or default_work_dir()
+    try:
+        max_bytes = parse_size(args.max_size) if args.max_size else None
+        older_than = parse_age(args.older_than) if args.older_than else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (max_bytes is not None or older_than is not None) and not args.prune:
+        parser.error("--max-size and --older-than choose what --prune removes: add --prune")
+    if args.prune:
+        if max_bytes is None and older_than is None:
+            parser.error("--prune needs --max-size SIZE and/or --older-than AGE")
+        removed = prune_cache(work_dir, max_bytes=max_bytes, older_than_s=older_than, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for entry in removed:
+            print(f"{verb} {entry.path} ({human_size(entry.nbytes)})")
+        print(f"{verb} {len(removed)} entries, {human_size(sum(e.nbytes for e in removed))}")
+    entries = cache_entries(work_dir)
+    runs: dict[str, list] = {}
+    for entry in entries:
+        runs.setdefault(entry.run, []).append(entry)
+    print(f"{work_dir}: {human_size(sum(e.nbytes for e in entries))} in {len(entries)} entries of {len(runs)} runs")
+    for run, items in sorted(runs.items(), key=lambda kv: -max(e.last_used for e in kv[1])):
+        partial = sum(e.partial for e in items)
+        last = max(e.last_used for e in items)
+        print(f"  {run}  {human_size(sum(e.nbytes for e in items)):>10}  {len(items):3d} entries"
+              f"{f' ({partial} interrupted)' if partial else ''}  last used {_ago(last)}")
+    return 0
+
+
+def _ago(timestamp: float) -> str:
+    seconds = max(0.0, time.time() - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return "just now"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cache"]:
+        return cache_main(argv[1:])
     args = build_parser().parse_args(argv)
     portable = args.portable or args.form == "decomposed"
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO

@@ -84,6 +84,7 @@ class PassManager:
             start = time.perf_counter()
             if step_dir is not None and (step_dir / "artifacts.pt").exists():
                 ctx.artifacts.update(torch.load(step_dir / "artifacts.pt", weights_only=False))
+                os.utime(step_dir / "artifacts.pt")  # last used now: cache pruning removes the least recently used
                 self.resumed.append(p.name)
                 logger.info("pass %s: resumed from %s", p.name, step_dir)
             else:
