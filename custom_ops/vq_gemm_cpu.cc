@@ -793,7 +793,7 @@ void gather_rows(const float* book, const uint16_t* codes, int64_t count, float*
 // The op's layout (attributes), checked once at kernel creation.
 
 struct Group {
-  int64_t start, stop, bits, K, nvec;
+  int64_t start, stop, code_bits, K, nvec;
   int64_t codebook_row;  // first row of this group's codebook in `codebooks`
   int64_t code_byte;     // first byte of this group's codes in `codes`
   int64_t code_nbytes;
@@ -822,11 +822,11 @@ Layout make_layout(const mgvq_op::Attributes& a) {
   L.scale_group = a.scale_group;
   const int64_t d = a.d, scale_group = a.scale_group;
   int64_t vec = 0, row = 0, byte = 0;
-  for (size_t g = 0; g < a.bits.size(); ++g) {
+  for (size_t g = 0; g < a.code_bits.size(); ++g) {
     Group G;
     G.start = a.bounds[g];
     G.stop = a.bounds[g + 1];
-    G.bits = a.bits[g];
+    G.code_bits = a.code_bits[g];
     G.K = a.codebook_size(g);
     G.nvec = a.width(g) / d;
     G.codebook_row = row;
@@ -911,7 +911,7 @@ struct VQGemmKernel {
     const Layout& L = layout_;
     if (L.segments.empty() || loops_.register_dot.fns[0][0][0] == nullptr) return -1;
     for (const Group& G : L.groups)
-      if (G.bits * L.d > kRegisterMaxCodeBits && G.bits * L.d != kByteCodeBits) return -1;
+      if (G.code_bits > kRegisterMaxCodeBits && G.code_bits != kByteCodeBits) return -1;
     for (int i = 0; i < 3; ++i)
       if (kRegisterDims[i] == L.d) return i;
     return -1;
@@ -921,7 +921,7 @@ struct VQGemmKernel {
     if (path_ == Path::kLut || path_ == Path::kDecode || register_dim_class() < 0) return false;
     if (path_ == Path::kRegister) return true;
     int64_t byte_groups = 0;
-    for (const Group& G : layout_.groups) byte_groups += G.bits * layout_.d == kByteCodeBits;
+    for (const Group& G : layout_.groups) byte_groups += G.code_bits == kByteCodeBits;
     // Layers of byte codes only are the LUT path's own case.
     if (byte_groups > 0) return byte_groups < (int64_t)layout_.groups.size() && rows <= kByteGroupRowLimit;
     // The register path re-unpacks the codes for every 4 activation rows; on the 2-core AMD EPYC
@@ -1041,7 +1041,7 @@ struct VQGemmKernel {
   void UnpackRow(const uint8_t* codes, int64_t o, uint16_t* codes_out) const {
     const Layout& L = layout_;
     for (const Group& G : L.groups) {
-      const int bd = (int)(G.bits * L.d);
+      const int bd = (int)G.code_bits;
       uint64_t bit0 = (uint64_t)G.code_byte * 8 + (uint64_t)o * G.nvec * bd;
       unpack_codes(codes, bit0, bd, G.nvec, codes_out + G.vec_offset);
     }
@@ -1102,7 +1102,7 @@ struct VQGemmKernel {
         std::vector<uint16_t> piece_codes((size_t)piece_vectors_ + 16);
         for (const Segment& S : L.segments) {
           const Group& G = L.groups[S.group];
-          const int bd = (int)(G.bits * d);
+          const int bd = (int)G.code_bits;
           for (int64_t p0 = S.vec_begin; p0 < S.vec_begin + S.count; p0 += piece_vectors_) {
             const int count = (int)std::min<int64_t>(piece_vectors_, S.vec_begin + S.count - p0);
             const int64_t local = p0 - G.vec_offset;
@@ -1154,7 +1154,7 @@ struct VQGemmKernel {
     for (size_t g = 0; g < L.groups.size(); ++g) {
       const Group& G = L.groups[g];
       GroupPlan& P = plan[g];
-      if (G.bits * d == kByteCodeBits) {
+      if (G.code_bits == kByteCodeBits) {
         P.bytes = true;
         P.byte_offset = byte_stride;
         byte_stride += G.nvec * G.K;
@@ -1164,10 +1164,10 @@ struct VQGemmKernel {
         for (int64_t t = 0; t < d; ++t)
           tables[(g * d + t) * kRegisterTableStride + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
       P.fns = R.fns[dim_class][G.K <= R.class_limit[0] ? 0 : G.K <= R.class_limit[1] ? 1 : 2];
-      P.nibble = R.nibble[dim_class][0][0] != nullptr && G.bits * d == 4 && G.nvec % 2 == 0;
+      P.nibble = R.nibble[dim_class][0][0] != nullptr && G.code_bits == 4 && G.nvec % 2 == 0;
       for (const Segment& S : L.segments)
         if (S.group == (int)g && (S.vec_begin - G.vec_offset) % kNibbleBlock) P.nibble = false;
-      const int64_t bd = G.bits * d;
+      const int64_t bd = G.code_bits;
       P.tile = R.build_tile_lut != nullptr && (bd == 2 || bd == 4) && G.nvec * bd % 8 == 0 && rows <= tile_row_limit_;
       for (const Segment& S : L.segments)
         if (S.group == (int)g && (S.vec_begin - G.vec_offset) * bd % 8) P.tile = false;  // rows start on a byte
@@ -1221,7 +1221,7 @@ struct VQGemmKernel {
         for (const Segment& S : L.segments) {
           const Group& G = L.groups[S.group];
           const GroupPlan& P = plan[S.group];
-          const int64_t bd = G.bits * d, local = S.vec_begin - G.vec_offset;
+          const int64_t bd = G.code_bits, local = S.vec_begin - G.vec_offset;
           const float* table = tables.data() + (size_t)S.group * d * kRegisterTableStride;
           const float* x = xs.data() + (size_t)r0 * row_stride + P.x_offset + local;
           auto bit_of = [&](int64_t out_row) {

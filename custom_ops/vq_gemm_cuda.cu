@@ -43,7 +43,8 @@ struct DevGroup {
   unsigned long long code_bit0;  // first bit of the group's codes in `codes`
   int start;     // first permuted column
   int nvec;      // vectors per output row
-  int bits;
+  int bits;       // per weight, for the fast kernel (whole there); 0 when the code is a fraction of d bits
+  int code_bits;  // each vector's code width
   int cb_smem;   // offset (codebook elements) of its copy in shared memory, -1: read from global memory
 };
 
@@ -367,7 +368,7 @@ __global__ void __launch_bounds__(kFastWarps * kWarpSize, MB == 1 ? 3 : 2)
   for (int gi = 0; gi < a.num_groups; ++gi) {
     const DevGroup& g = a.groups[gi];
     if (g.cb_smem < 0) continue;
-    const int count = (1 << (g.bits * a.d)) * a.d;
+    const int count = (1 << g.code_bits) * a.d;
     for (int i = tid; i < count; i += nthreads) {
       if constexpr (std::is_same<CB, float>::value) {
         staged[g.cb_smem + i] = __half2float(g.codebook[i]);
@@ -418,7 +419,7 @@ __global__ void __launch_bounds__(kGenericWarps * kWarpSize)
     float acc = 0.f;
     for (int gi = 0; gi < a.num_groups; ++gi) {
       const DevGroup& g = a.groups[gi];
-      const int bd = g.bits * a.d;
+      const int bd = g.code_bits;
       const int width = g.nvec * a.d;
       for (int j = lane; j < width; j += kWarpSize) {
         const int v = j / a.d;
@@ -467,10 +468,10 @@ std::string check_params(const VQGemmParams& p) {
     const Group& G = p.groups[g];
     if (G.start != column || G.stop <= G.start || (G.stop - G.start) % p.d)
       return "group " + str(g) + " does not continue the tiling of in_features by multiples of vector_dim";
-    if (G.bits < 1 || G.bits * p.d > 16) return "group " + str(g) + ": bits * vector_dim must be in 1..16";
+    if (G.code_bits < 1 || G.code_bits > 16) return "group " + str(g) + ": code bits (bits * vector_dim) must be in 1..16";
     if (G.codebook_row != row || G.code_byte != byte) return "group " + str(g) + ": inconsistent offsets";
-    row += 1LL << (G.bits * p.d);
-    byte += (p.m * ((G.stop - G.start) / p.d) * G.bits * p.d + 7) / 8;
+    row += 1LL << G.code_bits;
+    byte += (p.m * ((G.stop - G.start) / p.d) * G.code_bits + 7) / 8;
     column = G.stop;
   }
   if (column != p.n) return "groups do not end at in_features";
@@ -500,13 +501,13 @@ void plan_shared_memory(const VQGemmParams& p, int optin, Plan& plan) {
   const size_t kFloatCodebooks = 16 << 10;  // float32 codebooks stay small: they cost every block a copy
   const size_t kHalfCodebooks = 64 << 10;
   size_t book32 = 0;
-  for (int g = 0; g < p.num_groups; ++g) book32 += ((size_t)1 << (p.groups[g].bits * p.d)) * p.d * 4;
+  for (int g = 0; g < p.num_groups; ++g) book32 += ((size_t)1 << p.groups[g].code_bits) * p.d * 4;
   plan.cb_smem_byte = align16((size_t)plan.mb * p.n * 4);
   plan.cb_float = book32 <= kFloatCodebooks && plan.cb_smem_byte + book32 <= (size_t)optin;
   size_t used = 0;  // elements
   const size_t element = plan.cb_float ? 4 : 2;
   for (int g = 0; g < p.num_groups; ++g) {
-    const size_t count = ((size_t)1 << (p.groups[g].bits * p.d)) * p.d;
+    const size_t count = ((size_t)1 << p.groups[g].code_bits) * p.d;
     const size_t bytes = (used + count) * element;
     if (plan.cb_float || (bytes <= kHalfCodebooks && plan.cb_smem_byte + bytes <= (size_t)optin)) {
       plan.cb_smem[g] = (int)used;
@@ -522,7 +523,8 @@ Plan make_plan(const VQGemmParams& p) {
   Plan plan;
   bool fast = p.path != KernelPath::kGeneric && (p.d == 2 || p.d == 4 || p.d == 8) &&
               (p.scale_group == 0 || p.scale_group % p.d == 0) && reinterpret_cast<uintptr_t>(p.codes) % 4 == 0;
-  for (int g = 0; g < p.num_groups; ++g) fast = fast && p.groups[g].bits <= kMaxFastBits;
+  for (int g = 0; g < p.num_groups; ++g)
+    fast = fast && p.groups[g].code_bits % p.d == 0 && p.groups[g].code_bits / p.d <= kMaxFastBits;
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device);
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, p.device);
   const int sms = std::max(1, device_attribute(cudaDevAttrMultiProcessorCount, p.device));
@@ -565,7 +567,8 @@ KernelArgs make_args(const VQGemmParams& p, const Plan& plan, const void* x) {
     dg.code_bit0 = (unsigned long long)G.code_byte * 8;
     dg.start = (int)G.start;
     dg.nvec = (int)((G.stop - G.start) / p.d);
-    dg.bits = (int)G.bits;
+    dg.code_bits = (int)G.code_bits;
+    dg.bits = G.code_bits % p.d == 0 ? (int)(G.code_bits / p.d) : 0;
     dg.cb_smem = plan.fast ? plan.cb_smem[g] : -1;
   }
   a.x = x;

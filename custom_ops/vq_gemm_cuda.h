@@ -22,7 +22,7 @@ enum class KernelPath { kAuto, kFast, kGeneric };
 
 struct Group {
   int64_t start = 0, stop = 0;  // permuted columns [start, stop)
-  int64_t bits = 0;             // bits per weight; codes are bits * d wide
+  int64_t code_bits = 0;        // each vector's code width: b * d for b bits per weight
   int64_t codebook_row = 0;     // first row of the group's codebook in `codebooks`
   int64_t code_byte = 0;        // first byte of the group's codes in `codes`
 };

@@ -41,11 +41,11 @@ mgvq_cuda::VQGemmParams make_layout(const mgvq_op::Attributes& a) {
   p.scale_group = a.scale_group;
   p.num_groups = (int)a.num_groups();
   int64_t row = 0, byte = 0;
-  for (size_t g = 0; g < a.bits.size(); ++g) {
+  for (size_t g = 0; g < a.code_bits.size(); ++g) {
     mgvq_cuda::Group& G = p.groups[g];
     G.start = a.bounds[g];
     G.stop = a.bounds[g + 1];
-    G.bits = a.bits[g];
+    G.code_bits = a.code_bits[g];
     G.codebook_row = row;
     G.code_byte = byte;
     row += a.codebook_size(g);
@@ -214,7 +214,7 @@ __attribute__((visibility("default"))) const char* MgvqCudaKernelPath(int64_t n,
     a.d = d;
     a.scale_group = scale_group;
     a.bounds.assign(bounds, bounds + num_groups + 1);
-    a.bits.assign(bits, bits + num_groups);
+    for (int64_t g = 0; g < num_groups; ++g) a.code_bits.push_back(bits[g] * d);
     mgvq_cuda::VQGemmParams p = make_layout(mgvq_op::check_attributes(a));
     alignas(16) static const char kDummy[16] = {};  // non-null stand-ins for the device buffers
     p.rows = rows;

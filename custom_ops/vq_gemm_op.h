@@ -20,32 +20,34 @@ inline std::string str(int64_t v) { return std::to_string(v); }
 // The node's attributes, checked once at kernel creation.
 struct Attributes {
   int64_t n = 0, m = 0, d = 0, scale_group = 0;
-  std::vector<int64_t> bounds, bits;  // group g: permuted columns [bounds[g], bounds[g + 1]) at bits[g]
+  // group g: permuted columns [bounds[g], bounds[g + 1]), each vector's code code_bits[g] wide (b * d for
+  // b bits per weight; the node gives group_bits b when every b is whole, else group_code_bits)
+  std::vector<int64_t> bounds, code_bits;
   int64_t codebook_rows = 0, code_nbytes = 0;  // totals over the groups, set by check_attributes
 
-  int64_t num_groups() const { return (int64_t)bits.size(); }
+  int64_t num_groups() const { return (int64_t)code_bits.size(); }
   int64_t width(size_t g) const { return bounds[g + 1] - bounds[g]; }
-  int64_t codebook_size(size_t g) const { return int64_t(1) << (bits[g] * d); }
-  int64_t group_code_nbytes(size_t g) const { return (m * (width(g) / d) * bits[g] * d + 7) / 8; }  // whole bytes
+  int64_t codebook_size(size_t g) const { return int64_t(1) << code_bits[g]; }
+  int64_t group_code_nbytes(size_t g) const { return (m * (width(g) / d) * code_bits[g] + 7) / 8; }  // whole bytes
 };
 
 inline Attributes check_attributes(Attributes a) {
   if (a.n <= 0 || a.m <= 0 || a.d <= 0)
     throw std::runtime_error("in_features, out_features and vector_dim must be > 0");
-  if (a.bounds.size() != a.bits.size() + 1 || a.bits.empty())
-    throw std::runtime_error("group_bounds must have one more entry than group_bits");
+  if (a.bounds.size() != a.code_bits.size() + 1 || a.code_bits.empty())
+    throw std::runtime_error("group_bounds must have one more entry than group_bits (or group_code_bits)");
   if (a.bounds.front() != 0 || a.bounds.back() != a.n)
     throw std::runtime_error("group_bounds must go from 0 to in_features");
   if (a.scale_group < 0 || (a.scale_group > 0 && a.n % a.scale_group))
     throw std::runtime_error("scale_group_size must divide in_features");
-  for (size_t g = 0; g < a.bits.size(); ++g) {
+  for (size_t g = 0; g < a.code_bits.size(); ++g) {
     if (a.width(g) <= 0 || a.width(g) % a.d)
       throw std::runtime_error("group " + str(g) + " width is not a positive multiple of vector_dim");
-    if (a.bits[g] < 1 || a.bits[g] * a.d > 16)
-      throw std::runtime_error("group " + str(g) + ": bits * vector_dim must be in 1..16");
+    if (a.code_bits[g] < 1 || a.code_bits[g] > 16)
+      throw std::runtime_error("group " + str(g) + ": code bits (bits * vector_dim) must be in 1..16");
   }
   a.codebook_rows = a.code_nbytes = 0;
-  for (size_t g = 0; g < a.bits.size(); ++g) {
+  for (size_t g = 0; g < a.code_bits.size(); ++g) {
     a.codebook_rows += a.codebook_size(g);
     a.code_nbytes += a.group_code_nbytes(g);
   }
@@ -59,7 +61,11 @@ inline Attributes read_attributes(const OrtKernelInfo* info) {
   a.m = ki.GetAttribute<int64_t>("out_features");
   a.d = ki.GetAttribute<int64_t>("vector_dim");
   a.bounds = ki.GetAttributes<int64_t>("group_bounds");
-  a.bits = ki.GetAttributes<int64_t>("group_bits");
+  try {
+    a.code_bits = ki.GetAttributes<int64_t>("group_code_bits");
+  } catch (const Ort::Exception&) {
+    for (int64_t b : ki.GetAttributes<int64_t>("group_bits")) a.code_bits.push_back(b * a.d);
+  }
   try {
     a.scale_group = ki.GetAttribute<int64_t>("scale_group_size");
   } catch (const Ort::Exception&) {

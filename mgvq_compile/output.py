@@ -116,7 +116,8 @@ def dequantized_weights(out: str | os.PathLike, graph_file: str = "model.onnx") 
         prefix = layer["name"] + ".vq."
         attributes = {
             "out_features": layer["shape"][0], "in_features": layer["shape"][1], "vector_dim": layer["vector_dim"],
-            "group_bounds": layer["group_bounds"], "group_bits": layer["bits"],
+            "group_bounds": layer["group_bounds"],
+            "group_code_bits": [round(b * layer["vector_dim"]) for b in layer["bits"]],
             "scale_group_size": layer["scale_group_size"] or 0,
         }
         weights[layer["name"]] = decode_from_stored(

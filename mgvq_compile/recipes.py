@@ -91,7 +91,7 @@ class Recipe:
             if p.name == "assign-bits" and "distortion_curve" in p.requires and not measured_before:
                 # With assign-bits' default widths (near the budget) the pass keeps its own (1-4 bits), so
                 # compiles at other budgets share the measurement.
-                widths = {"allowed_bits": p.config.allowed_bits} if p.config.allowed_bits else {}
+                widths = {"allowed_bits": p.config.widths} if p.config.allowed_bits else {}
                 passes.append(_make(MEASURE_PASS, vector_dim=p.config.vector_dim, **widths))
             passes.append(p)
         return Recipe(self.method, tuple(passes))

@@ -2,15 +2,18 @@
 
 A quantized weight W (m x n, y = x W^T) is stored as:
 - ``perm`` (int32 [n], optional): permuted column j is original column perm[j];
-- groups of contiguous permuted columns [start, stop), each with its own bit width b and a codebook
-  of 2^(b*d) codewords of d values (float16); every row of a group is cut into vectors of d
-  consecutive permuted columns, each replaced by a code (an index into the group's codebook);
+- groups of contiguous permuted columns [start, stop), each with its own bit width b per weight (a
+  multiple of 1/d, so that a vector's code is b*d whole bits) and a codebook of 2^(b*d) codewords of d
+  values (float16); every row of a group is cut into vectors of d consecutive permuted columns, each
+  replaced by a code (an index into the group's codebook);
 - the codes of each group packed row-major at exactly b*d bits per vector
   (:mod:`mgvq_compile.algorithms.packing`), groups concatenated, each starting on a byte;
 - ``scales`` (float16 [m, n / scale_group_size], optional): multiply permuted column blocks of
   ``scale_group_size`` columns of each row.
 
 Decode: W_perm[:, g] = codebook_g[codes_g] ; W_perm *= scales ; W[:, perm] = W_perm.
+The node's ``group_bits`` attribute holds b per group when every b is whole; otherwise
+``group_code_bits`` holds b*d per group instead.
 The custom node ``mgvq.VQGemm`` computes Y = X W^T (+ bias) from exactly these arrays; the
 decomposed form rebuilds W^T with standard ONNX ops, which stock ORT runs (and folds at load).
 """
@@ -46,13 +49,20 @@ class VQGroup:
 
     start: int
     stop: int
-    bits: int
+    bits: int | float  # per weight: bits * d is whole
     codebook: np.ndarray  # float16 [2^(bits*d), d]
     codes: np.ndarray  # int64 [m, (stop - start) / d]
 
     @property
     def width(self) -> int:
         return self.stop - self.start
+
+    def code_bits(self, d: int) -> int:
+        """b*d, the bits of one vector's code."""
+        code = self.bits * d
+        if abs(code - round(code)) > 1e-9 or round(code) < 1:
+            raise ValueError(f"{self.bits} bits per weight at d={d} is not a whole number of code bits")
+        return int(round(code))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +87,9 @@ class VQWeight:
         for g in self.groups:
             if g.width % d:
                 raise ValueError(f"group width {g.width} is not a multiple of d={d}")
-            if g.codebook.shape != (1 << (g.bits * d), d) or g.codebook.dtype != np.float16:
-                raise ValueError(f"codebook of a {g.bits}-bit group must be float16 [{1 << (g.bits * d)}, {d}]")
+            k = 1 << g.code_bits(d)
+            if g.codebook.shape != (k, d) or g.codebook.dtype != np.float16:
+                raise ValueError(f"codebook of a {g.bits}-bit group must be float16 [{k}, {d}]")
             if g.codes.shape != (self.out_features, g.width // d):
                 raise ValueError(f"codes shape {g.codes.shape} != {(self.out_features, g.width // d)}")
         if self.scales is not None:
@@ -94,7 +105,7 @@ class VQWeight:
 
     def packed_codes(self) -> np.ndarray:
         """All groups' codes packed at b*d bits per vector, each group starting on a byte."""
-        parts = [pack_codes(g.codes, g.bits * self.vector_dim) for g in self.groups]
+        parts = [pack_codes(g.codes, g.code_bits(self.vector_dim)) for g in self.groups]
         return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
     def codebooks(self) -> np.ndarray:
@@ -114,7 +125,7 @@ class VQWeight:
 
     def index_nbytes(self) -> int:
         d = self.vector_dim
-        return sum(packed_nbytes(g.codes.size, g.bits * d) for g in self.groups)
+        return sum(packed_nbytes(g.codes.size, g.code_bits(d)) for g in self.groups)
 
     def dequantize(self) -> np.ndarray:
         """W (float32 [m, n], original column order) exactly as every VQ-GEMM implementation decodes it."""
@@ -131,12 +142,15 @@ class VQWeight:
         return weight
 
     def node_attributes(self) -> dict[str, object]:
+        whole = all(float(g.bits).is_integer() for g in self.groups)
+        widths = ({"group_bits": [int(g.bits) for g in self.groups]} if whole
+                  else {"group_code_bits": [g.code_bits(self.vector_dim) for g in self.groups]})
         return {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "vector_dim": self.vector_dim,
             "group_bounds": self.group_bounds,
-            "group_bits": [g.bits for g in self.groups],
+            **widths,
             "scale_group_size": self.scale_group_size,
         }
 
@@ -153,16 +167,20 @@ def decode_from_stored(
     n = int(attributes["in_features"])
     d = int(attributes["vector_dim"])
     bounds = [int(b) for b in attributes["group_bounds"]]
-    bits = [int(b) for b in attributes["group_bits"]]
+    if "group_code_bits" in attributes:
+        code_widths = [int(c) for c in attributes["group_code_bits"]]
+    else:
+        code_widths = [int(b) * d for b in attributes["group_bits"]]
     groups = []
     codebook_offset = code_offset = 0
-    for (start, stop), b in zip(zip(bounds, bounds[1:]), bits):
+    for (start, stop), code in zip(zip(bounds, bounds[1:]), code_widths):
         count = m * (stop - start) // d
-        nbytes = packed_nbytes(count, b * d)
-        group_codes = unpack_codes(codes[code_offset : code_offset + nbytes], b * d, count)
-        k = 1 << (b * d)
+        nbytes = packed_nbytes(count, code)
+        group_codes = unpack_codes(codes[code_offset : code_offset + nbytes], code, count)
+        k = 1 << code
+        bits = code // d if code % d == 0 else code / d
         groups.append(
-            VQGroup(start, stop, b, codebooks[codebook_offset : codebook_offset + k], group_codes.reshape(m, -1))
+            VQGroup(start, stop, bits, codebooks[codebook_offset : codebook_offset + k], group_codes.reshape(m, -1))
         )
         codebook_offset += k
         code_offset += nbytes
@@ -249,7 +267,7 @@ def emit_decomposed_weight(
     for index, g in enumerate(weight.groups):
         tag = f"g{index}"
         count = g.codes.size
-        nbytes = packed_nbytes(count, g.bits * d)
+        nbytes = packed_nbytes(count, g.code_bits(d))
         group_bytes = b.op(
             "Slice",
             [
@@ -258,7 +276,7 @@ def emit_decomposed_weight(
                 b.constant(f"{tag}.byte_stop", np.array([code_offset + nbytes], np.int64)),
             ],
         )
-        codes = _unpack_decomposed(b, group_bytes, g.bits * d, count, tag)
+        codes = _unpack_decomposed(b, group_bytes, g.code_bits(d), count, tag)
         if codebook_offset:
             codes = b.op("Add", [codes, b.constant(f"{tag}.codebook_offset", np.array(codebook_offset, np.int64))])
         vectors = b.op("Gather", [codebooks, codes], axis=0)

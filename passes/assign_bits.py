@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import re
+from fractions import Fraction
 
 import torch
 
@@ -14,6 +15,8 @@ from mgvq_compile.algorithms.allocation import (
     COMPENSATED_STEPS,
     GroupSpec,
     allocate_bits,
+    as_width,
+    code_bits,
     summarize_allocation,
     widths_near_budget,
 )
@@ -44,16 +47,16 @@ class LayerAllocation:
     perm: torch.Tensor  # int64 [n]: permuted column j is original column perm[j] (identity for one group)
     vector_dim: int  # group widths are multiples of it; codebooks and rounding use it
     bounds: list[int]
-    bits: list[int]
+    bits: list[int | float]  # per weight; a multiple of 1 / vector_dim (whole code bits per vector)
     sensitivity: list[float]  # S_g per channel group, the allocation's loss weights
     global_sensitivity: float
 
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    # 11: query/key projections also found by structure; 10: min_bits, query_key_floor; 9: allowed widths
-    # near the budget by default; 8: the distortion model
-    VERSION = 11
+    # 12: fractional widths; 11: query/key projections also found by structure; 10: min_bits,
+    # query_key_floor; 9: allowed widths near the budget by default; 8: the distortion model
+    VERSION = 12
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
     groups: int = 4
     # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
@@ -63,7 +66,12 @@ class AssignBitsConfig(PassConfig):
     # () = the whole widths within one bit of the budget ((1, 2, 3) at 2 bits, (2, 3, 4) at 3), not the
     # method page's {1, 2, 3, 4}: 3 seeds each, SmolLM2 perplexity 164 vs 169 (2 bits) and 67.1 vs 68.4
     # (3 bits), Whisper NLL 5.79 vs 5.95 and 1.54 vs 1.93 (benchmarks/results/accuracy-bits{123,234}.md).
-    allowed_bits: tuple[int, ...] = ()
+    allowed_bits: tuple[float, ...] = ()
+    # True: the default widths step by 1/d bits per weight (every whole code width b*d of a vector), not by
+    # whole bits: at d = 4 and a 2-bit budget, 1, 1.25, ..., 3 instead of 1, 2, 3. Whole bits at d = 4 move
+    # a group by 4 code bits at once (16x its codebook), so paying a 2.000 budget's codebooks sends whole
+    # layers to 1 bit; a fraction of a bit pays them with a few groups one code bit narrower.
+    fractional_widths: bool = False
     # The "no allocation" ablation: every group gets ``bits`` index bits per weight (a whole number), with
     # codebooks and permutation stored on top, as in gptvq; with groups = 1 no permutation is stored.
     uniform: bool = False
@@ -97,6 +105,11 @@ class AssignBitsConfig(PassConfig):
                               "give loss(b) / loss(b + 1) from 1 bit up, e.g. --set 'assign-bits.distortion_steps=[6.8,4.8,3.2]'")
         if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.widths):
             raise RecipeError(f"allowed_bits {self.widths} with d={self.vector_dim} exceed {MAX_CODE_BITS}-bit codes")
+        for b in self.widths:
+            code_bits(b, self.vector_dim)  # raises unless b * d is whole
+        if self.distortion == MEASURED and not self.distortion_steps and any(not float(b).is_integer() for b in self.widths):
+            raise RecipeError(f"assign-bits distortion 'measured' takes whole widths, got {list(self.widths)}",
+                              "use distortion 'high-rate' or 'compensated' with fractional widths")
         if self.groups < 1:
             raise RecipeError(f"assign-bits groups must be positive, got {self.groups}")
         if self.uniform and (self.bits != int(self.bits) or int(self.bits) not in self.widths):
@@ -108,29 +121,29 @@ class AssignBitsConfig(PassConfig):
                               "drop min_bits, or allocate (uniform=false)")
 
     @functools.cached_property
-    def min_bits_rules(self) -> list[tuple[re.Pattern, int]]:
+    def min_bits_rules(self) -> list[tuple[re.Pattern, int | float]]:
         rules = []
         for rule in self.min_bits:
             pattern, sep, bits = rule.rpartition("=")
             try:
-                rules.append((re.compile(pattern), int(bits)))
+                rules.append((re.compile(pattern), as_width(float(bits))))
             except (re.error, ValueError) as exc:
                 raise RecipeError(f"assign-bits min_bits rule {rule!r} is not REGEX=BITS ({exc})",
                                   "write e.g. --set 'assign-bits.min_bits=[\"(q|k)_proj=2\"]'") from exc
             if not sep or not pattern:
                 raise RecipeError(f"assign-bits min_bits rule {rule!r} is not REGEX=BITS",
                                   "write e.g. --set 'assign-bits.min_bits=[\"(q|k)_proj=2\"]'")
-            if int(bits) not in self.widths:
+            if as_width(float(bits)) not in self.widths:
                 raise RecipeError(f"assign-bits min_bits rule {rule!r} asks for {bits} bits, not an allowed width "
                                   f"{list(self.widths)}", "pick an allowed width, or set assign-bits.allowed_bits")
         return rules
 
-    def min_bits_of(self, layer_name: str) -> int:
+    def min_bits_of(self, layer_name: str) -> int | float:
         """The floor on ``layer_name``'s widths: the first matching rule's bits, or 0."""
         return next((bits for pattern, bits in self.min_bits_rules if pattern.search(layer_name)), 0)
 
     @property
-    def query_key_bits(self) -> int:
+    def query_key_bits(self) -> int | float:
         """The floor on query and key projections: the narrowest allowed width >= the budget's whole
         bits (0 when off, uniform, or none is allowed)."""
         if not self.query_key_floor or self.uniform:
@@ -138,9 +151,14 @@ class AssignBitsConfig(PassConfig):
         return min((b for b in self.widths if b >= int(self.bits)), default=0)
 
     @property
-    def widths(self) -> tuple[int, ...]:
-        """The bit widths a group may get: ``allowed_bits``, or those within one bit of the budget."""
-        return self.allowed_bits or widths_near_budget(self.bits, MAX_CODE_BITS // self.vector_dim)
+    def widths(self) -> tuple[int | float, ...]:
+        """The bit widths a group may get: ``allowed_bits``, or those within one bit of the budget (in
+        steps of 1/d with ``fractional_widths``)."""
+        if self.allowed_bits:
+            return tuple(as_width(b) for b in self.allowed_bits)
+        step = Fraction(1, self.vector_dim) if self.fractional_widths else Fraction(1)
+        return widths_near_budget(self.bits, MAX_CODE_BITS / self.vector_dim if self.fractional_widths
+                                  else MAX_CODE_BITS // self.vector_dim, step)
 
 
 @register_pass

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from mgvq_compile.algorithms.allocation import code_bits
 from mgvq_compile.algorithms.statistics import LayerStatistics
 from mgvq_compile.algorithms.weighted_kmeans import weighted_kmeans
 from mgvq_compile.graph import weight_matrix
@@ -60,7 +61,7 @@ def group_vectors(weight: np.ndarray, plan: LayerAllocation, layer_stats: LayerS
 
 def fit_layer_codebooks(groups, cfg: FitCodebooksConfig, seed: int) -> list[np.ndarray]:
     """One float16 codebook of 2^(b*d) codewords per group of :func:`group_vectors`, the g-th seeded seed + g."""
-    return [weighted_kmeans(vectors, weights, 1 << (bits * vectors.shape[1]), iterations=cfg.iterations,
+    return [weighted_kmeans(vectors, weights, 1 << code_bits(bits, vectors.shape[1]), iterations=cfg.iterations,
                             seed=seed + index, fit_sample=cfg.fit_sample).numpy().astype(np.float16)
             for index, (bits, vectors, weights) in enumerate(groups)]
 
@@ -103,7 +104,7 @@ class FitCodebooks(Pass):
         for index, (key, parts) in enumerate(sorted(pools.items())):
             _modality, bits, d = key
             vectors, weights = torch.cat([v for v, _ in parts]), torch.cat([w for _, w in parts])
-            book = weighted_kmeans(vectors, weights, 1 << (bits * d), iterations=cfg.iterations,
+            book = weighted_kmeans(vectors, weights, 1 << code_bits(bits, d), iterations=cfg.iterations,
                                    seed=ctx.options.seed * 1_000_003 + index, fit_sample=cfg.fit_sample)
             shared[key] = book.numpy().astype(np.float16)
         codebooks = {}

@@ -475,3 +475,36 @@ def test_widths_near_the_budget() -> None:
     assert widths_near_budget(8.0, 8) == (7, 8)
     with pytest.raises(RecipeError, match="within one bit"):
         widths_near_budget(10.0, 8)
+
+
+def test_fractional_widths_cost_whole_code_bits_and_hold_the_budget() -> None:
+    from mgvq_compile.algorithms.allocation import code_bits, widths_near_budget
+
+    group = GroupSpec(count=96 * 64, sensitivity=1.0, d=4)
+    # 1.75 bits per weight at d = 4: 7-bit codes, 1536 vectors, a 128-entry codebook of 4 fp16 values
+    assert code_bits(1.75, 4) == 7
+    assert group_cost_bits(group, 1.75) == 1536 * 7 + 128 * 4 * 16
+    assert group_cost_bits(group, 2) == group_cost_bits(group, 2.0) == 1536 * 8 + 256 * 4 * 16
+    with pytest.raises(RecipeError, match="whole, positive number of code bits"):
+        code_bits(1.6, 4)
+    assert widths_near_budget(2.0, 4.0, Fraction(1, 4)) == (1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75, 3)
+    assert widths_near_budget(2.0, 2.5, Fraction(1, 2)) == (1, 1.5, 2, 2.5)
+    # Between whole widths the modelled loss falls geometrically: half a bit divides it by sqrt(step).
+    assert relative_distortion(1.5) == pytest.approx(0.25 / 2.0)
+    assert relative_distortion(2.25, COMPENSATED_STEPS) == pytest.approx(
+        relative_distortion(2, COMPENSATED_STEPS) / COMPENSATED_STEPS[1] ** 0.25)
+
+    rng = np.random.default_rng(7)
+    allowed = widths_near_budget(2.0, 4.0, Fraction(1, 4))
+    for _ in range(100):
+        groups = [GroupSpec(count=int(rng.integers(1, 300)) * 4 * int(rng.choice([1, 64, 512])),
+                            sensitivity=float(rng.lognormal(0.0, 2.0)), d=4) for _ in range(int(rng.integers(1, 20)))]
+        low, high = stored_bits(groups, [1] * len(groups)), stored_bits(groups, [3] * len(groups))
+        budget = int(rng.integers(low, high + 1))
+        bits = allocate_bits_total(groups, budget, allowed)
+        total = stored_bits(groups, bits)
+        assert total <= budget and all(b in allowed for b in bits)
+        slack = budget - total
+        for g, b in zip(groups, bits):  # no single step up (a quarter bit) still fits
+            if b < 3:
+                assert group_cost_bits(g, b + 0.25) - group_cost_bits(g, b) > slack

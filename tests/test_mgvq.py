@@ -218,6 +218,41 @@ def test_query_key_floor_width():
     assert AssignBitsConfig(query_key_floor=False).query_key_bits == 0
 
 
+def test_fractional_widths_config():
+    from mgvq_compile.errors import RecipeError
+    from mgvq_compile.passes.assign_bits import AssignBitsConfig
+
+    assert AssignBitsConfig(vector_dim=4, fractional_widths=True).widths == (1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75, 3)
+    assert AssignBitsConfig(vector_dim=2, fractional_widths=True).widths == (1, 1.5, 2, 2.5, 3)
+    assert AssignBitsConfig(vector_dim=2, allowed_bits=(1.0, 2.0)).widths == (1, 2)  # whole widths stay ints
+    with pytest.raises(RecipeError, match="whole, positive number of code bits"):
+        AssignBitsConfig(vector_dim=2, allowed_bits=(1.25, 2.0))
+    with pytest.raises(RecipeError, match="takes whole widths"):
+        AssignBitsConfig(vector_dim=4, fractional_widths=True, distortion="measured")
+
+
+def test_fractional_widths_hold_the_budget_and_run_in_ort(tmp_path):
+    from vq_helpers import stored_vq_bytes
+
+    mlp, calib = _mlp_with_calibration(tmp_path)
+    options = ("--bits", "1.9", "--set", "*.vector_dim=4", "--set", "assign-bits.groups=1",
+               "--set", "assign-bits.fractional_widths=true")
+    out, report = _compile_mgvq(tmp_path, mlp, calib, "custom", *options)
+    portable, _ = _compile_mgvq(tmp_path, mlp, calib, "portable", *options, "--portable")
+    summary = report["summary"]
+    assert summary["bits_per_weight"] <= 1.9
+    assert summary["bits_per_weight"] * summary["quantized_weights"] == stored_vq_bytes(out / "model.onnx") * 8
+    widths = [b for layer in report["layers"] for b in layer["bits"]]
+    assert any(not float(b).is_integer() for b in widths), widths
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "VQGemm"]
+    # a layer with a fractional width carries code widths; whole-width layers keep group_bits
+    assert any(any(a.name == "group_code_bits" for a in n.attribute) for n in nodes)
+    x = np.random.default_rng(3).standard_normal((2, 8, 128)).astype(np.float32)
+    (y,) = create_session(out / "model.onnx").run(None, {"x": x})
+    (y_portable,) = create_session(portable / "model.onnx").run(None, {"x": x})
+    np.testing.assert_allclose(y, y_portable, rtol=1e-4, atol=1e-4)
+
+
 @functools.lru_cache(maxsize=None)
 def _anonymous_export(arch: str):
     """A tiny random model exported as torch.onnx does by default (optimize=True): its linear weights are

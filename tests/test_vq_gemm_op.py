@@ -104,6 +104,11 @@ CASES = [
     (19, 62, 1, [0, 30, 62], [6, 4], True, 0, False, (2, 3)),
     (21, 36, 4, [0, 36], [1], False, 12, True, (9,)),
     (33, 66, 2, [0, 2, 66], [2, 3], True, 6, True, (40,)),  # more rows than one call takes
+    # fractional bits per weight (group_code_bits): 7- and 9-bit codes at d = 4, 6-bit ones on the
+    # register path, 3- and 5-bit codes at d = 2
+    (37, 64, 4, [0, 32, 64], [1.75, 2.25], True, 0, True, (3,)),
+    (20, 48, 4, [0, 16, 48], [1.5, 2], True, 8, False, (5,)),
+    (25, 60, 2, [0, 20, 60], [1.5, 2.5], True, 0, True, (2, 40)),
 ]
 
 

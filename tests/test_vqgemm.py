@@ -11,7 +11,7 @@ from mgvq_compile.vqgemm import VQGroup, VQWeight, decode_from_stored, emit_deco
 def random_weight(rng, m, n, d, bounds, bits, *, perm=True, scale_group=0):
     groups = []
     for (start, stop), b in zip(zip(bounds, bounds[1:]), bits):
-        k = 1 << (b * d)
+        k = 1 << round(b * d)
         codebook = rng.standard_normal((k, d)).astype(np.float16)
         codes = rng.integers(0, k, size=(m, (stop - start) // d))
         groups.append(VQGroup(start, stop, b, codebook, codes))
@@ -27,6 +27,8 @@ CASES = [
     (7, 12, 1, [0, 12], [4], False, 4),
     (4, 32, 8, [0, 16, 32], [1, 2], True, 0),
     (9, 20, 4, [0, 20], [3], False, 0),
+    (6, 40, 4, [0, 16, 28, 40], [1.75, 2, 2.25], True, 4),  # fractional bits: 7-, 8- and 9-bit codes
+    (5, 18, 2, [0, 6, 18], [1.5, 2.5], False, 0),
 ]
 
 
@@ -40,7 +42,10 @@ def test_decode_and_decomposed_onnx_agree(m, n, d, bounds, bits, perm, scale_gro
         decode_from_stored(weight.node_attributes(), arrays["codebooks"], arrays["codes"], arrays.get("perm"), arrays.get("scales")),
         dense,
     )
-    assert arrays["codes"].nbytes == sum((g.codes.size * g.bits * d + 7) // 8 for g in weight.groups)
+    assert arrays["codes"].nbytes == sum((g.codes.size * round(g.bits * d) + 7) // 8 for g in weight.groups)
+    # Whole widths keep the group_bits attribute; any fraction writes every group's code width instead.
+    whole = all(float(b).is_integer() for b in bits)
+    assert ("group_bits" in weight.node_attributes()) == whole != ("group_code_bits" in weight.node_attributes())
 
     # A graph Y = MatMul(X, W^T) where W^T is rebuilt by the decomposed ops.
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3, n]))
@@ -63,6 +68,8 @@ def test_decode_and_decomposed_onnx_agree(m, n, d, bounds, bits, perm, scale_gro
 
 def test_invalid_layouts_are_rejected():
     rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="whole number of code bits"):
+        VQWeight(2, 8, 4, (VQGroup(0, 8, 1.1, np.zeros((16, 4), np.float16), np.zeros((2, 2), np.int64)),))
     with pytest.raises(ValueError, match="multiple of d"):
         random_weight(rng, 2, 12, 4, [0, 6, 12], [1, 1])
     with pytest.raises(ValueError, match="tile"):

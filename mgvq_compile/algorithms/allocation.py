@@ -1,8 +1,8 @@
 """Bit allocation under a model-wide budget of stored bits (method page, sections 2 and 5).
 
 A group is one (layer, channel group): ``count`` = m * n_g weights (m rows, n_g permuted columns),
-cut into count / d vectors of d weights. At b bits it stores exactly what
-:class:`mgvq_compile.vqgemm.VQWeight` writes for it:
+cut into count / d vectors of d weights. At b bits per weight (a multiple of 1 / d: each vector's code
+is b*d whole bits) it stores exactly what :class:`mgvq_compile.vqgemm.VQWeight` writes for it:
 - its codes, count / d vectors at b*d bits, packed on their own whole bytes: 8 * ceil(count * b / 8);
 - its float16 codebook, 2^(b*d) * d * 16 bits (unless the codebook is shared, ``codebook=False``);
 - ``fixed_bits`` that do not depend on b (e.g. its layer's int32 permutation, group bounds, scales:
@@ -50,6 +50,8 @@ __all__ = [
     "relative_distortion",
     "measured_steps",
     "widths_near_budget",
+    "code_bits",
+    "as_width",
     "HIGH_RATE_STEP",
 ]
 
@@ -65,32 +67,55 @@ HIGH_RATE_STEP = 4.0  # 2^(-2b): each extra bit divides the error by 4
 COMPENSATED_STEPS = (5.2, 4.2, 3.2)
 
 
-def widths_near_budget(budget_bits_per_weight: float, max_width: int) -> tuple[int, ...]:
-    """The whole bit widths w >= 1 with |w - budget| <= 1, at most ``max_width``.
+def as_width(bits: float) -> int | float:
+    """A width as written in configs and reports: an int when it is whole (2, not 2.0)."""
+    return int(bits) if float(bits).is_integer() else float(bits)
+
+
+def code_bits(bits: float, d: int) -> int:
+    """The code width b*d of a vector of ``d`` weights at ``bits`` per weight; it must be whole."""
+    code = bits * d
+    if abs(code - round(code)) > 1e-9 or round(code) < 1:
+        raise RecipeError(f"{bits:g} bits per weight at d={d} is not a whole, positive number of code bits "
+                          f"per vector", f"use multiples of 1/{d} bits per weight")
+    return int(round(code))
+
+
+def widths_near_budget(budget_bits_per_weight: float, max_width: float, step: Fraction = Fraction(1)) -> tuple:
+    """The widths w >= 1 with |w - budget| <= 1, at most ``max_width``, in steps of ``step`` bits per weight
+    (1: whole bits; 1/d: every whole code width of d-dimensional vectors).
 
     Widths further out let the allocation trade many 1-bit groups for a few wide ones; measured with
     3 seeds on SmolLM2 and Whisper tiny.en, (1, 2, 3) beat (1, 2, 3, 4) at a 2-bit budget and (2, 3, 4)
     beat it at 3 bits (README, Status).
     """
-    low = max(1, math.ceil(budget_bits_per_weight - 1))
-    high = min(max_width, math.floor(budget_bits_per_weight + 1))
+    budget = Fraction(budget_bits_per_weight).limit_denominator(1 << 20)
+    low = max(math.ceil(1 / step), math.ceil((budget - 1) / step))
+    high = min(math.floor(Fraction(max_width) / step), math.floor((budget + 1) / step))
     if low > high:
-        raise RecipeError(f"no whole bit width within one bit of a {budget_bits_per_weight:g}-bit budget fits "
-                          f"(at most {max_width} bits)", "lower --bits, or give assign-bits.allowed_bits")
-    return tuple(range(low, high + 1))
+        raise RecipeError(f"no bit width within one bit of a {budget_bits_per_weight:g}-bit budget fits "
+                          f"(at most {max_width:g} bits)", "lower --bits, or give assign-bits.allowed_bits")
+    return tuple(as_width(k * step) for k in range(low, high + 1))
 
 
-def relative_distortion(bits: int, steps: Sequence[float] = ()) -> float:
+def relative_distortion(bits: float, steps: Sequence[float] = ()) -> float:
     """D(b) = 2^(-2) / (step_1 * ... * step_(b-1)): the error at b bits relative to the weight energy.
 
     step_k = loss(k) / loss(k + 1) is ``steps[k - 1]``, and HIGH_RATE_STEP past the given steps, so
-    ``steps=()`` is the high-rate law 2^(-2b).
+    ``steps=()`` is the high-rate law 2^(-2b). Between whole widths the loss falls geometrically: a
+    fraction f of bit k + 1 divides it by step_k^f.
     """
     if bits < 1:
         raise ValueError(f"bit widths start at 1, got {bits}")
     if any(not step > 1.0 for step in steps):
         raise ValueError(f"every distortion step must be > 1 (the error falls with each bit), got {list(steps)}")
-    return 0.25 / math.prod(steps[k - 1] if k <= len(steps) else HIGH_RATE_STEP for k in range(1, bits))
+    whole, fraction = int(math.floor(bits)), bits - math.floor(bits)
+
+    def step(k: int) -> float:
+        return steps[k - 1] if k <= len(steps) else HIGH_RATE_STEP
+
+    loss = 0.25 / math.prod(step(k) for k in range(1, whole))
+    return loss / step(whole) ** fraction if fraction else loss
 
 
 MIN_MEASURED_STEP = 1.01  # a measured step at or below 1 (no gain from a bit) is priced as almost none
@@ -127,7 +152,7 @@ class GroupSpec:
     d: int = 4
     fixed_bits: int = 0
     codebook: bool = True  # False: the codebook is shared and counted in ``overhead_bits`` instead
-    min_bits: int = 0  # the narrowest width this group may get (0: any allowed width)
+    min_bits: float = 0  # the narrowest width this group may get (0: any allowed width)
 
     def __post_init__(self) -> None:
         if self.count <= 0 or self.d <= 0 or self.count % self.d:
@@ -149,26 +174,29 @@ class AllocationSummary:
     budget_bits: int | None = None
 
 
-def group_cost_bits(group: GroupSpec, bits: int) -> int:
+def _index_bits(group: GroupSpec, bits: float) -> int:
+    return 8 * (((group.count // group.d) * code_bits(bits, group.d) + 7) // 8)
+
+
+def group_cost_bits(group: GroupSpec, bits: float) -> int:
     """Every bit stored for ``group`` at ``bits`` bits per weight (see the module docstring)."""
-    index = 8 * ((group.count * bits + 7) // 8)
-    codebook = (1 << (bits * group.d)) * group.d * 16 if group.codebook else 0
-    return index + codebook + group.fixed_bits
+    codebook = (1 << code_bits(bits, group.d)) * group.d * 16 if group.codebook else 0
+    return _index_bits(group, bits) + codebook + group.fixed_bits
 
 
-def stored_bits(groups: Sequence[GroupSpec], bits: Sequence[int], overhead_bits: int = 0) -> int:
+def stored_bits(groups: Sequence[GroupSpec], bits: Sequence[float], overhead_bits: int = 0) -> int:
     """Total bits stored for ``groups`` at widths ``bits``, plus model-wide ``overhead_bits``."""
     if len(groups) != len(bits):
         raise ValueError("one bit width per group is needed")
-    return overhead_bits + sum(group_cost_bits(g, int(b)) for g, b in zip(groups, bits))
+    return overhead_bits + sum(group_cost_bits(g, b) for g, b in zip(groups, bits))
 
 
 def summarize_allocation(
-    groups: Sequence[GroupSpec], bits: Sequence[int], overhead_bits: int = 0, budget_bits: int | None = None
+    groups: Sequence[GroupSpec], bits: Sequence[float], overhead_bits: int = 0, budget_bits: int | None = None
 ) -> AllocationSummary:
     weights = sum(g.count for g in groups)
     total = stored_bits(groups, bits, overhead_bits)
-    index = sum(8 * ((g.count * int(b) + 7) // 8) for g, b in zip(groups, bits))
+    index = sum(_index_bits(g, b) for g, b in zip(groups, bits))
     return AllocationSummary(total, weights, total / weights, index / weights, budget_bits)
 
 
@@ -179,7 +207,7 @@ def _sort_within_identical(groups: Sequence[GroupSpec], choice: np.ndarray) -> n
     This makes "more sensitive never gets fewer bits" hold even on floating-point near-ties.
     """
     out = choice.copy()
-    classes: dict[tuple[int, int, int, bool, int], list[int]] = {}
+    classes: dict[tuple[int, int, int, bool, float], list[int]] = {}
     for i, g in enumerate(groups):
         classes.setdefault((g.count, g.d, g.fixed_bits, g.codebook, g.min_bits), []).append(i)
     for members in classes.values():
@@ -253,11 +281,11 @@ def _improve_by_exchanges(
 def allocate_bits_total(
     groups: Sequence[GroupSpec],
     budget_bits: int,
-    allowed: Sequence[int] = DEFAULT_ALLOWED,
+    allowed: Sequence[float] = DEFAULT_ALLOWED,
     *,
     overhead_bits: int = 0,
     distortion_steps: Sequence[float] = (),
-) -> list[int]:
+) -> list[int | float]:
     """Bit width per group with ``stored_bits(groups, result, overhead_bits) <= budget_bits``; no group gets
     less than its ``min_bits``.
 
@@ -265,9 +293,9 @@ def allocate_bits_total(
     """
     if not groups:
         return []
-    widths = sorted({int(b) for b in allowed})
+    widths = sorted({as_width(b) for b in allowed})
     if not widths or widths[0] <= 0:
-        raise RecipeError(f"allowed bit widths must be positive integers, got {list(allowed)}")
+        raise RecipeError(f"allowed bit widths must be positive, got {list(allowed)}")
     too_wide = sorted({g.min_bits for g in groups if g.min_bits > widths[-1]})
     if too_wide:
         raise RecipeError(f"a group's minimum width {too_wide[-1]} exceeds the widest allowed width {widths[-1]}",
@@ -329,11 +357,11 @@ def allocate_bits_total(
 def allocate_bits(
     groups: Sequence[GroupSpec],
     budget_bits_per_weight: float,
-    allowed: Sequence[int] = DEFAULT_ALLOWED,
+    allowed: Sequence[float] = DEFAULT_ALLOWED,
     *,
     overhead_bits: int = 0,
     distortion_steps: Sequence[float] = (),
-) -> list[int]:
+) -> list[int | float]:
     """Bit width per group; the budget is floor(budget_bits_per_weight * total weights) stored bits."""
     weights = sum(g.count for g in groups)
     budget = math.floor(Fraction(budget_bits_per_weight) * weights)
