@@ -43,6 +43,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_WORK = ROOT / "benchmarks" / "work" / "accuracy"
 ALL_METHODS = ("rtn", "gptq", "vlmq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
 VQ_METHODS = ("kmeans-vq", "gptvq", "mgvq-no-alloc", "mgvq-no-grad", "mgvq")
+# The methods whose allocation holds any budget (the others store whole widths plus their overheads).
+BUDGETED_METHODS = ("mgvq-no-grad", "mgvq")
 # WER split by kind of edit (they sum to the WER): a near-empty transcript scores about 1 in deletions,
 # a transcript that loops to the token limit above 1 in insertions.
 WER_PARTS = ("wer_substitutions", "wer_deletions", "wer_insertions")
@@ -277,7 +279,9 @@ def reused_record(sources: list[str], model: str, method: str, bits: float, seed
 
 def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float, seed: int,
              options: list[str], tag: str, recorded_only: bool = False, reuse: list[str] = (),
-             evaluate_again: bool = False) -> dict | None:
+             evaluate_again: bool = False, budget: float | None = None) -> dict | None:
+    """One run's record: kept, reused or computed. ``budget``: compile at that many stored bits per weight
+    instead of ``bits`` (recorded as ``budget_bits_per_weight``; the run stays named by ``bits``)."""
     key = run_key(model, method, bits, seed, tag)
     record_path = work / "runs" / f"{key}.json"
     calibration = None if setup is None else setup.calib_dir.name
@@ -289,11 +293,16 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
         # A kept copy of a reused run follows its committed source when that was measured anew (evaluated
         # again, say), unless only the copy is on today's evaluation set.
         reused = reused_record(list(reuse), model, method, bits, seed, calibration)
+        if reused is not None and reused.get("budget_bits_per_weight") != budget:
+            reused = None  # compiled at another budget: not the same run
         measured = lambda r: {k: v for k, v in r.items() if k != "reused_from"}  # noqa: E731
         if reused is not None and (record is None or measured(reused) != measured(record) and (
                 setup is None or eval_samples_of(reused) == setup.eval_samples)):
             _write_record(record_path, reused)
             record = reused
+    if record is not None and record.get("budget_bits_per_weight") != budget:
+        raise SystemExit(f"{record_path} was compiled at a budget of {record.get('budget_bits_per_weight') or bits}, "
+                         f"not {budget or bits}: pass another --tag, or delete the record to recompute it")
     if record is not None:
         return _on_evaluation_set(record, record_path, setup, recorded_only, evaluate_again)
     if recorded_only:
@@ -301,10 +310,22 @@ def _run_one(work: Path, setup: ModelSetup, model: str, method: str, bits: float
     out = work / "models" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": model, "method": method, "bits": bits, "seed": seed, "options": options}
-    record.update(_compile(setup, out, method, bits, seed, options))
+    if budget is not None:
+        record["budget_bits_per_weight"] = budget
+    record.update(_compile(setup, out, method, bits if budget is None else budget, seed, options))
     record.update(setup.evaluate(out / "model.onnx"), eval_samples=setup.eval_samples)
     _write_record(record_path, record)
     return record
+
+
+def matched_budget(records: list[dict], model: str, method: str, bits: float, seed: int) -> float:
+    """The stored bits per weight of ``method``'s run of (model, bits, seed) among ``records``, cut to 4
+    decimals (never above it): the budget that puts an allocating method at the same total bits."""
+    for record in records:
+        if (record["model"], record["method"], record["bits"], record["seed"]) == (model, method, bits, seed):
+            return math.floor(record["bits_per_weight"] * 10_000) / 10_000
+    raise SystemExit(f"--same-bits-as {method}: no {method} run of {model} at {bits:g} bits, seed {seed}; "
+                     f"list {method} before the methods it sets the budget of in --methods")
 
 
 def _files_digest(model_path: Path) -> str:
@@ -470,7 +491,16 @@ def main(argv: list[str] | None = None) -> int:
                              "same calibration directory; :METHOD takes only that method's runs, "
                              ":FROM=TO lets that file's method FROM stand for method TO. Only for runs of the identical "
                              "configuration; repeatable, first match wins")
+    parser.add_argument("--same-bits-as", metavar="METHOD",
+                        help=f"compile {' and '.join(BUDGETED_METHODS)} at the stored bits per weight of METHOD's run "
+                             "of the same model, bits and seed (e.g. gptvq, whose codebooks come on top of its whole "
+                             "index bits), instead of at --bits: every VQ row at the same total bits")
     args = parser.parse_args(argv)
+    if args.same_bits_as:
+        if args.same_bits_as not in args.methods or args.same_bits_as in BUDGETED_METHODS:
+            parser.error(f"--same-bits-as {args.same_bits_as}: name a method of --methods whose widths are fixed "
+                         f"(not {' or '.join(BUDGETED_METHODS)})")
+        args.methods = [args.same_bits_as] + [m for m in args.methods if m != args.same_bits_as]
     if args.evaluate_again and args.recorded_only:
         parser.error("--evaluate-again measures the models again; --recorded-only runs nothing: pick one")
     if args.tag == UNTAGGED:
@@ -498,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                     options = list(args.options) if method.startswith("mgvq") else []
                     if args.vector_dim and method in VQ_METHODS:
                         options.append(f"*.vector_dim={args.vector_dim}")
+                    budget = (matched_budget(records, model, args.same_bits_as, bits, seed)
+                              if args.same_bits_as and method in BUDGETED_METHODS else None)
                     record = _run_one(args.work, setup, model, method, bits, seed, options, args.tag,
-                                      args.recorded_only, args.reuse, args.evaluate_again)
+                                      args.recorded_only, args.reuse, args.evaluate_again, budget)
                     if record is None:
                         continue
                     records.append(record)

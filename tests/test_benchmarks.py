@@ -382,3 +382,27 @@ def test_layer_subsets_refuses_bad_arguments(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert all("=" in subset for subset in layer_subsets.DEFAULT_SUBSETS)
+
+
+def test_accuracy_same_bits_as_sets_the_budget_from_the_other_methods_run(tmp_path, monkeypatch, capsys):
+    gptvq = {"model": "whisper", "method": "gptvq", "bits": 2.0, "seed": 0, "bits_per_weight": 2.06249}
+    assert accuracy.matched_budget([gptvq], "whisper", "gptvq", 2.0, 0) == 2.0624  # cut, never above
+    with pytest.raises(SystemExit, match="list gptvq before"):
+        accuracy.matched_budget([gptvq], "whisper", "gptvq", 2.0, 1)
+    # The budget is part of the run: a record compiled at another budget is neither reused nor served.
+    (tmp_path / "runs").mkdir()
+    record = {"model": "whisper", "method": "mgvq", "bits": 2.0, "seed": 0, "nll": 2.0}
+    (tmp_path / "runs" / "whisper-mgvq-2bit-seed0-same.json").write_text(json.dumps(record))
+    args = (tmp_path, None, "whisper", "mgvq", 2.0, 0, [], "same")
+    with pytest.raises(SystemExit, match="budget of 2.0, not 2.0624"):
+        accuracy._run_one(*args, recorded_only=True, budget=2.0624)
+    (tmp_path / "runs" / "whisper-mgvq-2bit-seed0-same.json").write_text(json.dumps({**record, "budget_bits_per_weight": 2.0624}))
+    assert accuracy._run_one(*args, recorded_only=True, budget=2.0624)["nll"] == 2.0
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "accuracy-old.json").write_text(json.dumps({"runs": [record]}))
+    assert accuracy._run_one(tmp_path / "other", None, "whisper", "mgvq", 2.0, 0, [], "new", recorded_only=True,
+                             reuse=["old"], budget=2.0624) is None
+    with pytest.raises(SystemExit):
+        accuracy.main(["--methods", "gptvq", "mgvq", "--same-bits-as", "mgvq", "--recorded-only"])
+    assert "--same-bits-as mgvq: name a method of --methods whose widths are fixed" in capsys.readouterr().err
