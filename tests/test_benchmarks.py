@@ -406,3 +406,17 @@ def test_accuracy_same_bits_as_sets_the_budget_from_the_other_methods_run(tmp_pa
     with pytest.raises(SystemExit):
         accuracy.main(["--methods", "gptvq", "mgvq", "--same-bits-as", "mgvq", "--recorded-only"])
     assert "--same-bits-as mgvq: name a method of --methods whose widths are fixed" in capsys.readouterr().err
+
+
+def test_allocation_shares_count_weights_per_width_and_the_proxy_geomean():
+    import allocation_shares
+
+    layer = lambda shape, bounds, bits, proxy: {"quantized": True, "shape": shape, "group_bounds": bounds,  # noqa: E731
+                                                "bits": bits, "proxy_loss": proxy}
+    report = {"summary": {"bits_per_weight": 2.05, "index_bits_per_weight": 1.95},
+              "layers": [layer([4, 8], [0, 4, 8], [1.5, 2], 0.01), layer([2, 8], [0, 8], [3], 0.04),
+                         {"quantized": False}]}
+    shares = allocation_shares.allocation_shares(report)
+    assert shares["widths"] == {1.5: 16 / 48, 2: 16 / 48, 3: 16 / 48}
+    assert shares["proxy_geomean"] == pytest.approx(0.02)
+    assert shares["bits_per_weight"] == 2.05
