@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = ["CacheEntry", "default_work_dir", "cache_entries", "prune_cache", "parse_size", "parse_age", "human_size"]
+__all__ = ["CacheEntry", "PARTIAL_SUFFIX", "default_work_dir", "cache_entries", "prune_cache", "parse_size", "parse_age", "human_size"]
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
+from mgvq_compile.algorithms.packing import code_width
 from mgvq_compile.errors import InputError
 from mgvq_compile.vqgemm import decode_from_stored
 
@@ -117,7 +118,7 @@ def dequantized_weights(out: str | os.PathLike, graph_file: str = "model.onnx") 
         attributes = {
             "out_features": layer["shape"][0], "in_features": layer["shape"][1], "vector_dim": layer["vector_dim"],
             "group_bounds": layer["group_bounds"],
-            "group_code_bits": [round(b * layer["vector_dim"]) for b in layer["bits"]],
+            "group_code_bits": [code_width(b, layer["vector_dim"]) for b in layer["bits"]],
             "scale_group_size": layer["scale_group_size"] or 0,
         }
         weights[layer["name"]] = decode_from_stored(

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mgvq_compile.algorithms.packing import pack_codes, packed_nbytes, unpack_codes
+from mgvq_compile.algorithms.packing import code_width, pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
     "CUSTOM_DOMAIN",
@@ -59,10 +59,7 @@ class VQGroup:
 
     def code_bits(self, d: int) -> int:
         """b*d, the bits of one vector's code."""
-        code = self.bits * d
-        if abs(code - round(code)) > 1e-9 or round(code) < 1:
-            raise ValueError(f"{self.bits} bits per weight at d={d} is not a whole number of code bits")
-        return int(round(code))
+        return code_width(self.bits, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +164,7 @@ def decode_from_stored(
     n = int(attributes["in_features"])
     d = int(attributes["vector_dim"])
     bounds = [int(b) for b in attributes["group_bounds"]]
-    if "group_code_bits" in attributes:
+    if attributes.get("group_code_bits"):  # written instead of group_bits when a width is fractional
         code_widths = [int(c) for c in attributes["group_code_bits"]]
     else:
         code_widths = [int(b) * d for b in attributes["group_bits"]]

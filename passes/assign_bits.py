@@ -157,8 +157,7 @@ class AssignBitsConfig(PassConfig):
         if self.allowed_bits:
             return tuple(as_width(b) for b in self.allowed_bits)
         step = Fraction(1, self.vector_dim) if self.fractional_widths else Fraction(1)
-        return widths_near_budget(self.bits, MAX_CODE_BITS / self.vector_dim if self.fractional_widths
-                                  else MAX_CODE_BITS // self.vector_dim, step)
+        return widths_near_budget(self.bits, Fraction(MAX_CODE_BITS, self.vector_dim), step)
 
 
 @register_pass

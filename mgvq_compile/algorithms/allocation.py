@@ -36,6 +36,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from mgvq_compile.algorithms.packing import code_width
 from mgvq_compile.errors import RecipeError
 
 __all__ = [
@@ -73,12 +74,13 @@ def as_width(bits: float) -> int | float:
 
 
 def code_bits(bits: float, d: int) -> int:
-    """The code width b*d of a vector of ``d`` weights at ``bits`` per weight; it must be whole."""
-    code = bits * d
-    if abs(code - round(code)) > 1e-9 or round(code) < 1:
+    """The code width b*d of a vector of ``d`` weights at ``bits`` per weight, as a recipe error when it is
+    not whole (see :func:`~mgvq_compile.algorithms.packing.code_width`)."""
+    try:
+        return code_width(bits, d)
+    except ValueError:
         raise RecipeError(f"{bits:g} bits per weight at d={d} is not a whole, positive number of code bits "
-                          f"per vector", f"use multiples of 1/{d} bits per weight")
-    return int(round(code))
+                          f"per vector", f"use multiples of 1/{d} bits per weight") from None
 
 
 def widths_near_budget(budget_bits_per_weight: float, max_width: float, step: Fraction = Fraction(1)) -> tuple:

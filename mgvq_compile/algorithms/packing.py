@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["packed_nbytes", "pack_codes", "unpack_codes"]
+__all__ = ["code_width", "packed_nbytes", "pack_codes", "unpack_codes"]
+
+
+def code_width(bits_per_weight: float, d: int) -> int:
+    """The bits of one code of ``d`` weights at ``bits_per_weight`` each (b*d); raises unless it is whole
+    and positive."""
+    code = bits_per_weight * d
+    if abs(code - round(code)) > 1e-9 or round(code) < 1:
+        raise ValueError(f"{bits_per_weight} bits per weight at d={d} is not a whole number of code bits")
+    return int(round(code))
 
 
 def packed_nbytes(count: int, bits: int) -> int:

@@ -9,7 +9,8 @@ from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, decode_from_stored
 
 __all__: list[str] = []
 
-_ATTRIBUTES = ("in_features", "out_features", "vector_dim", "group_bounds", "group_bits", "scale_group_size")
+_ATTRIBUTES = ("in_features", "out_features", "vector_dim", "group_bounds", "group_bits", "group_code_bits",
+               "scale_group_size")
 
 
 @register_op(CUSTOM_OP, domain=CUSTOM_DOMAIN)
@@ -18,9 +19,6 @@ def _vq_gemm(node, x, opset):
     inputs = list(x) + [None] * (6 - len(x))
     data, perm, codebooks, codes, scales, bias = inputs[:6]
     attributes = {name: attr(node, name, 0) for name in _ATTRIBUTES}
-    code_widths = attr(node, "group_code_bits", None)
-    if code_widths is not None:  # fractional bits per weight: the code width of each group instead
-        attributes["group_code_bits"] = code_widths
     weight = decode_from_stored(
         attributes, codebooks.cpu().numpy(), codes.cpu().numpy(),
         None if perm is None else perm.cpu().numpy(), None if scales is None else scales.cpu().numpy(),

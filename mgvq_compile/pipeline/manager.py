@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mgvq_compile.cache import PARTIAL_SUFFIX
 from mgvq_compile.errors import MgvqError, PassError, RecipeError
 from mgvq_compile.pipeline.base import Pass, registered_passes
 from mgvq_compile.pipeline.context import CompileContext
@@ -104,7 +105,7 @@ class PassManager:
     def _run_one(self, p: Pass, ctx: CompileContext, step_dir: Path | None, done: list[str]):
         partial = None
         if step_dir is not None:
-            partial = step_dir.with_name(step_dir.name + ".partial")
+            partial = step_dir.with_name(step_dir.name + PARTIAL_SUFFIX)
             partial.mkdir(parents=True, exist_ok=True)
         ctx.checkpoint_dir = partial
         try:
@@ -124,7 +125,7 @@ class PassManager:
 
     @staticmethod
     def _store(step_dir: Path, artifacts: dict[str, Any]) -> None:
-        partial = step_dir.with_name(step_dir.name + ".partial")
+        partial = step_dir.with_name(step_dir.name + PARTIAL_SUFFIX)
         partial.mkdir(parents=True, exist_ok=True)
         save_atomic_torch(artifacts, partial / "artifacts.pt")
         for leftover in partial.glob("layer-*"):
