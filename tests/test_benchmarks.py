@@ -375,13 +375,18 @@ def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
 def test_layer_subsets_refuses_bad_arguments(tmp_path, capsys):
     import layer_subsets
 
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    (compiled / "report.json").write_text("{}")
     for argv, message in (([str(tmp_path)], "is not an mgvq-compile output"),
+                          ([str(compiled), "--base", str(tmp_path)], f"{tmp_path} is not an mgvq-compile output"),
+                          ([str(compiled), "--model", "llama"], "invalid choice"),
                           ([str(tmp_path), "--subset", "no-equals-sign"], "is not LABEL=REGEX")):
         with pytest.raises(SystemExit) as exit_info:
             layer_subsets.main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-    assert all("=" in subset for subset in layer_subsets.DEFAULT_SUBSETS)
+    assert all("=" in subset for subset in layer_subsets.DEFAULT_SUBSETS + layer_subsets.SMOLLM2_SUBSETS)
 
 
 def test_accuracy_same_bits_as_sets_the_budget_from_the_other_methods_run(tmp_path, monkeypatch, capsys):

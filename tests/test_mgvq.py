@@ -133,6 +133,19 @@ def test_global_weighting_off_gives_every_layer_the_same_scale(tmp_path):
     assert report["summary"]["bits_per_weight"] <= 2.0
 
 
+def test_global_exponent_tempers_the_global_term(tmp_path):
+    mlp, calib = _mlp_with_calibration(tmp_path)
+    _out, full = _compile_mgvq(tmp_path, mlp, calib, "full")
+    _out, half = _compile_mgvq(tmp_path, mlp, calib, "half", "--set", "assign-bits.global_exponent=0.5")
+    _out, none = _compile_mgvq(tmp_path, mlp, calib, "none", "--set", "assign-bits.global_exponent=0")
+    for layer_full, layer_half, layer_none in zip(full["layers"], half["layers"], none["layers"]):
+        assert layer_half["global_sensitivity"] == pytest.approx(layer_full["global_sensitivity"] ** 0.5)
+        assert layer_none["global_sensitivity"] == 1.0
+    assert all(report["summary"]["bits_per_weight"] <= 2.0 for report in (full, half, none))
+    assert run_cli(mlp, "--method", "mgvq", "--calib", calib, "-o", tmp_path / "bad",
+                   "--set", "assign-bits.global_exponent=2") == 2
+
+
 def test_distortion_model_reaches_the_allocation(tmp_path):
     mlp, calib = _mlp_with_calibration(tmp_path)
 
