@@ -94,12 +94,17 @@ def _novel_suffix(novel: str) -> str:
     return "" if novel == CALIBRATION_NOVEL else f"-{novel}"
 
 
+def smollm2_float_path(work: Path, s: Settings) -> Path:
+    """The float SmolLM2 graph the benchmark compiles and evaluates."""
+    return work / f"smollm2-fp32-seq{s.seq_len}" / "model.onnx"
+
+
 def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import read_novel, write_text_calibration
     from mgvq_compile.evaluate import perplexity_ort
     from mgvq_compile.models.smollm2 import export_causal_lm_onnx, load_smollm2
 
-    fp_path = work / f"smollm2-fp32-seq{s.seq_len}" / "model.onnx"
+    fp_path = smollm2_float_path(work, s)
     calib_dir = work / f"smollm2-calib-{s.calib_windows}x{s.seq_len}-seed{seed}{_novel_suffix(calib_novel)}"
     model, tokenizer = load_smollm2()
     if not fp_path.exists():

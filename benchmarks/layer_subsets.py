@@ -55,8 +55,7 @@ def _evaluator(model: str, settings: "accuracy.Settings"):
 
         _model, tokenizer = load_smollm2()
         text = read_novel(accuracy.EVALUATION_NOVEL)
-        float_path = accuracy.DEFAULT_WORK / f"smollm2-fp32-seq{settings.seq_len}" / "model.onnx"
-        return float_path, lambda path: {"perplexity": perplexity_ort(
+        return accuracy.smollm2_float_path(accuracy.DEFAULT_WORK, settings), lambda path: {"perplexity": perplexity_ort(
             path, tokenizer, text, seq_len=settings.seq_len, max_windows=settings.eval_windows)}
     from mgvq_compile.models.whisper_ct2 import load_whisper_tiny_en
 
