@@ -101,7 +101,6 @@ def smollm2_float_path(work: Path, s: Settings) -> Path:
 
 def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import read_novel, write_text_calibration
-    from mgvq_compile.evaluate import perplexity_ort
     from mgvq_compile.models.smollm2 import export_causal_lm_onnx, load_smollm2
 
     fp_path = smollm2_float_path(work, s)
@@ -113,12 +112,20 @@ def _smollm2(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
     if not calib_dir.exists():
         write_text_calibration(calib_dir, tokenizer, read_novel(calib_novel), seq_len=s.seq_len,
                                n_samples=s.calib_windows, seed=seed)
+    return ModelSetup(fp_path, calib_dir, smollm2_evaluator(tokenizer, s), "perplexity", s.eval_samples("smollm2"))
+
+
+def smollm2_evaluator(tokenizer, s: Settings) -> Callable[[Path], dict]:
+    """model.onnx -> {"perplexity": ...} on the evaluation novel's windows."""
+    from mgvq_compile.calibration.data import read_novel
+    from mgvq_compile.evaluate import perplexity_ort
+
     text = read_novel(EVALUATION_NOVEL)
 
     def evaluate(path: Path) -> dict:
         return {"perplexity": perplexity_ort(path, tokenizer, text, seq_len=s.seq_len, max_windows=s.eval_windows)}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "perplexity", s.eval_samples("smollm2"))
+    return evaluate
 
 
 def whisper_float_path(work: Path, s: Settings) -> Path:
@@ -128,7 +135,6 @@ def whisper_float_path(work: Path, s: Settings) -> Path:
 
 def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_NOVEL) -> ModelSetup:
     from mgvq_compile.calibration.data import novel_sentences, read_novel, write_speech_calibration
-    from mgvq_compile.evaluate import whisper_eval_ort
     from mgvq_compile.models.whisper_ct2 import export_whisper_onnx, load_whisper_tiny_en, whisper_feature_extractor
 
     fp_path = whisper_float_path(work, s)
@@ -141,13 +147,21 @@ def _whisper(work: Path, seed: int, s: Settings, calib_novel: str = CALIBRATION_
         sentences = novel_sentences(read_novel(calib_novel), s.whisper_calib_sentences, seed=seed)
         write_speech_calibration(calib_dir, whisper_feature_extractor(), tokenizer, sentences,
                                  decoder_len=s.whisper_decoder_len)
+    return ModelSetup(fp_path, calib_dir, whisper_evaluator(tokenizer, s), "wer", s.eval_samples("whisper"))
+
+
+def whisper_evaluator(tokenizer, s: Settings) -> Callable[[Path], dict]:
+    """model.onnx -> WER (and its parts), teacher-forced NLL, ... on the evaluation novel's sentences."""
+    from mgvq_compile.calibration.data import novel_sentences, read_novel
+    from mgvq_compile.evaluate import whisper_eval_ort
+
     references = novel_sentences(read_novel(EVALUATION_NOVEL), s.whisper_eval_sentences, seed=1234)
 
     def evaluate(path: Path) -> dict:
         result = whisper_eval_ort(path, tokenizer, references, decoder_len=s.whisper_decoder_len)
         return {k: result[k] for k in ("wer", *WER_PARTS, "nll", "unfinished_decodes", "hypothesis_words", "n_words")}
 
-    return ModelSetup(fp_path, calib_dir, evaluate, "wer", s.eval_samples("whisper"))
+    return evaluate
 
 
 MODELS = {"smollm2": _smollm2, "whisper": _whisper}

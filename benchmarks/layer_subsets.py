@@ -47,26 +47,15 @@ METRICS = {"whisper": ("nll", "wer"), "smollm2": ("perplexity",)}
 
 def _evaluator(model: str, settings: "accuracy.Settings"):
     """(float graph path, graph path -> {metric: value}) of the benchmark's ``model``."""
-    from mgvq_compile.calibration.data import novel_sentences, read_novel
-    from mgvq_compile.evaluate import perplexity_ort, whisper_eval_ort
-
     if model == "smollm2":
         from mgvq_compile.models.smollm2 import load_smollm2
 
-        _model, tokenizer = load_smollm2()
-        text = read_novel(accuracy.EVALUATION_NOVEL)
-        return accuracy.smollm2_float_path(accuracy.DEFAULT_WORK, settings), lambda path: {"perplexity": perplexity_ort(
-            path, tokenizer, text, seq_len=settings.seq_len, max_windows=settings.eval_windows)}
+        return (accuracy.smollm2_float_path(accuracy.DEFAULT_WORK, settings),
+                accuracy.smollm2_evaluator(load_smollm2()[1], settings))
     from mgvq_compile.models.whisper_ct2 import load_whisper_tiny_en
 
-    _model, tokenizer = load_whisper_tiny_en()
-    references = novel_sentences(read_novel(accuracy.EVALUATION_NOVEL), settings.whisper_eval_sentences, seed=1234)
-
-    def evaluate(path: Path) -> dict:
-        result = whisper_eval_ort(path, tokenizer, references, decoder_len=settings.whisper_decoder_len)
-        return {"nll": result["nll"], "wer": result["wer"]}
-
-    return accuracy.whisper_float_path(accuracy.DEFAULT_WORK, settings), evaluate
+    return (accuracy.whisper_float_path(accuracy.DEFAULT_WORK, settings),
+            accuracy.whisper_evaluator(load_whisper_tiny_en()[1], settings))
 
 
 def evaluate_subsets(out_dir: Path, subsets: list[tuple[str, str]], model: str = "whisper",
@@ -91,7 +80,8 @@ def evaluate_subsets(out_dir: Path, subsets: list[tuple[str, str]], model: str =
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(with_weights(float_graph, weights, layers), str(path), external_data="model.onnx.data")
-            result = evaluate(path)
+            measured = evaluate(path)
+        result = {metric: measured[metric] for metric in METRICS[model]}
         rows.append({"model": str(out_dir), "base": str(base_dir) if base_dir else None, "subset": label,
                      "pattern": pattern, "layers": len(names), **result})
         shown = "  ".join(f"{metric} {value:.3f}" for metric, value in result.items())

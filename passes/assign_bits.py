@@ -161,6 +161,11 @@ class AssignBitsConfig(PassConfig):
         return min((b for b in self.widths if b >= int(self.bits)), default=0)
 
     @property
+    def global_power(self) -> float:
+        """The power of the global term in the allocation; 0 (no global term) without global_weighting."""
+        return self.global_exponent if self.global_weighting else 0.0
+
+    @property
     def widths(self) -> tuple[int | float, ...]:
         """The bit widths a group may get: ``allowed_bits``, or those within one bit of the budget (in
         steps of 1/d with ``fractional_widths``)."""
@@ -219,8 +224,8 @@ class AssignBits(Pass):
             perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
             if len(bounds) == 2:
                 perm = torch.arange(n)  # one group: nothing to reorder, nothing stored
-            layer_global = (global_sensitivity(h, h_o, w, kronecker_scale(layer_stats)) ** cfg.global_exponent
-                            if cfg.global_weighting else 1.0)
+            layer_global = (global_sensitivity(h, h_o, w, kronecker_scale(layer_stats)) ** cfg.global_power
+                            if cfg.global_power else 1.0)
             sensitivities = group_sensitivities(scores, perm, bounds, layer_global)
             layouts[layer.key] = (perm, bounds, sensitivities, layer_global)
             floor = cfg.min_bits_of(layer.weight)
