@@ -5,8 +5,8 @@
 1. Ops, one process: for each linear shape (out x in: 4096x4096, 4096x11008, 11008x4096 and
    SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536) and batch 1 and 16: a float32 ``MatMul``,
    ``com.microsoft.MatMulNBits`` at 4 and 2 bits (block 128; accuracy_level 0 = float compute, 4 = int8
-   activations) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (the mgvq default: 16 and 64 codewords,
-   the register-codebook kernel) and at 2 bits with d = 4 (kmeans-vq's default: 256 codewords, the
+   activations) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (mgvq's default at 3 bits, and at 2 before config v14: 16 and 64 codewords,
+   the register-codebook kernel) and at 2 bits with d = 4 (mgvq's default at 2 bits: 256 codewords, the
    table-lookup kernel); one group, a column permutation. The issue's check: VQGemm 2-bit d = 2 over
    MatMulNBits 2-bit at 4096x4096, batch 1 (goal <= 0.3x), against both accuracy levels.
    Median time of many runs, "warm" (back to back) and "cold" (the caches evicted before each run by

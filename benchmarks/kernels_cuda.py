@@ -7,7 +7,7 @@ Needs onnxruntime-gpu, a CUDA device and the CUDA build of the custom ops
 11008x4096 and SmolLM2-135M's 576x576, 1536x576, 576x1536) and batch 1 and 16, with float16
 activations and every node forced onto the CUDA provider (no CPU fallback): a float16 ``MatMul``,
 ``com.microsoft.MatMulNBits`` at 4 and 2 bits (block 128; "unsupported" where the CUDA provider has no
-kernel for it) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (mgvq's default) and d = 4 (one group, with a
+kernel for it) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (mgvq's default at 3 bits) and d = 4 (its default at 2; one group, with a
 column permutation).
 Inputs and outputs stay on the device (io_binding). Two timings, medians of many runs:
 - call: one node per session, the wall time of one ``run_with_iobinding`` (ORT's per-run overhead and

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from mgvq_compile.errors import CalibrationError, RecipeError
+from mgvq_compile.passes._common import vector_dim_for_budget
 from mgvq_compile.pipeline.base import Pass, pass_class
 
 __all__ = ["RECIPE_VERSION", "METHODS", "Recipe", "builtin_recipe", "load_recipe", "recipe_from_dict"]
@@ -92,7 +93,7 @@ class Recipe:
                 # With assign-bits' default widths (near the budget) the pass keeps its own (1-4 bits), so
                 # compiles at other budgets share the measurement.
                 widths = {"allowed_bits": p.config.widths} if p.config.allowed_bits else {}
-                passes.append(_make(MEASURE_PASS, vector_dim=p.config.vector_dim, **widths))
+                passes.append(_make(MEASURE_PASS, vector_dim=p.config.dim, **widths))
             passes.append(p)
         return Recipe(self.method, tuple(passes))
 
@@ -109,13 +110,6 @@ def _integer_bits(method: str, bits: float) -> int:
             "pass an integer --bits (fractional budgets come with mixed-precision methods)",
         )
     return int(bits)
-
-
-def gptvq_vector_dim(bits: int) -> int:
-    """gptvq's vector dimension at ``bits`` per weight: the largest of 4, 2, 1 whose codes are at most 8 bits
-    wide (256 codewords per layer), so the layer's fp16 codebook stays a small part of the budget. With
-    d = 4 at 3 bits the 4096-codeword codebooks made Whisper tiny store 4.0 bits per weight."""
-    return next(d for d in (4, 2, 1) if bits * d <= 8)
 
 
 def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool = False) -> Recipe:
@@ -139,7 +133,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
         passes.append(_make("collect-stats", **options))
     if method.startswith("mgvq"):
         passes += [
-            _make("assign-bits", bits=float(bits), **({"uniform": True, "groups": 1} if method == "mgvq-no-alloc" else {})),
+            _make("assign-bits", bits=float(bits), **({"uniform": True} if method == "mgvq-no-alloc" else {})),
             _make("fit-codebooks"),
             _make("compensate", **({"lam": 0.0} if method == "mgvq-no-grad" else {})),
             fuse,
@@ -155,7 +149,7 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
     elif method == "vlmq":
         passes.append(_make("quantize-gptq", bits=b, hessian="importance"))
     else:
-        passes.append(_make("quantize-gptvq", bits=b, vector_dim=gptvq_vector_dim(b)))
+        passes.append(_make("quantize-gptvq", bits=b, vector_dim=vector_dim_for_budget(b)))
     passes.append(fuse)
     return Recipe(method, tuple(passes))
 

@@ -15,9 +15,18 @@ from mgvq_compile.pipeline.manager import save_atomic_torch
 from mgvq_compile.vqgemm import VQWeight
 
 __all__ = ["per_layer_checkpointed", "quantize_layers", "quantize_in_stages", "sequential_stages", "encoder_stage_end",
-           "statistics_on_quantized_inputs", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS"]
+           "statistics_on_quantized_inputs", "layer_hessian", "check_vq_bits", "MAX_CODE_BITS",
+           "vector_dim_for_budget"]
 
 MAX_CODE_BITS = 16  # widest code a VQ-GEMM vector may take (b * d)
+
+
+def vector_dim_for_budget(bits: float) -> int:
+    """The vector dimension at a budget of ``bits`` per weight: the largest of 4, 2, 1 whose codes at the
+    budget's whole bits are at most 8 bits wide (256 codewords per layer), so a layer's fp16 codebook stays
+    a small part of the budget. With d = 4 at 3 bits the 4096-codeword codebooks made Whisper tiny store
+    4.0 bits per weight (gptvq)."""
+    return next(d for d in (4, 2, 1) if int(bits) * d <= 8)
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from mgvq_compile.algorithms.sensitivity import channel_groups, global_sensitivi
 from mgvq_compile.algorithms.statistics import kronecker_scale
 from mgvq_compile.errors import RecipeError
 from mgvq_compile.graph import attention_query_key_layers, weight_matrix
-from mgvq_compile.passes._common import MAX_CODE_BITS
+from mgvq_compile.passes._common import MAX_CODE_BITS, vector_dim_for_budget
 from mgvq_compile.pipeline.base import Pass, PassConfig, PassResult, register_pass
 
 __all__ = ["AssignBitsConfig", "AssignBits", "LayerAllocation"]
@@ -54,16 +54,22 @@ class LayerAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class AssignBitsConfig(PassConfig):
-    # 13: global_exponent; 12: fractional widths; 11: query/key projections also found by structure; 10: min_bits,
+    # 14: defaults d by budget, one group, fractional widths, global exponent 0.5; 13: global_exponent;
+    # 12: fractional widths; 11: query/key projections also found by structure; 10: min_bits,
     # query_key_floor; 9: allowed widths near the budget by default; 8: the distortion model
-    VERSION = 13
+    VERSION = 14
     bits: float = 2.0  # model-wide budget in stored bits per quantized weight
-    groups: int = 4
-    # d = 2, not the method page's 4: 2^(b*d)-entry fp16 codebooks per group cost 0.28 bits/weight of a
-    # 2-bit budget at d = 4 (34 % of SmolLM2's weights fell to 1 bit) and make 3-4 bit groups unaffordable;
-    # measured at 2 bits, one seed: perplexity 2.9k at d = 2 vs 21.0k at d = 4.
-    vector_dim: int = 2
-    # () = the whole widths within one bit of the budget ((1, 2, 3) at 2 bits, (2, 3, 4) at 3), not the
+    # One channel group per layer (no permutation stored, one codebook per width), not four: the layout
+    # the d = 4 measurements below ran with; four groups at d = 4 would each store a 256- to
+    # 4096-codeword codebook.
+    groups: int = 1
+    # 0 = follow the budget (vector_dim_for_budget: 4 at 2 bits as on the method page, 2 at 3-4 bits).
+    # At gptvq's stored bits (2 bits, 3 seeds), d = 4 with one group and fractional widths beats d = 2 with
+    # four groups and whole widths on every seed of both models (Whisper NLL 1.45, 1.57, 1.72 against 1.83,
+    # 2.56, 2.95; SmolLM2 perplexity 136.0, 120.4, 115.5 against 146.8, 150.9, 135.6; README, Status). At
+    # 3 bits d = 4 codes are 12 bits wide, and gptvq's 4096-codeword codebooks stored 4.0 bits per weight.
+    vector_dim: int = 0
+    # () = the widths within one bit of the budget ((1, 2, 3) at 2 bits whole, (2, 3, 4) at 3), not the
     # method page's {1, 2, 3, 4}: 3 seeds each, SmolLM2 perplexity 164 vs 169 (2 bits) and 67.1 vs 68.4
     # (3 bits), Whisper NLL 5.79 vs 5.95 and 1.54 vs 1.93 (benchmarks/results/accuracy-bits{123,234}.md).
     allowed_bits: tuple[float, ...] = ()
@@ -71,7 +77,7 @@ class AssignBitsConfig(PassConfig):
     # whole bits: at d = 4 and a 2-bit budget, 1, 1.25, ..., 3 instead of 1, 2, 3. Whole bits at d = 4 move
     # a group by 4 code bits at once (16x its codebook), so paying a 2.000 budget's codebooks sends whole
     # layers to 1 bit; a fraction of a bit pays them with a few groups one code bit narrower.
-    fractional_widths: bool = False
+    fractional_widths: bool = True
     # The "no allocation" ablation: every group gets ``bits`` index bits per weight (a whole number), with
     # codebooks and permutation stored on top, as in gptvq; with groups = 1 no permutation is stored.
     uniform: bool = False
@@ -83,8 +89,10 @@ class AssignBitsConfig(PassConfig):
     # SmolLM2 the term spans 100x between v_proj and gate_proj per weight, but the end loss does not:
     # swapping the allocated layers of one type into a uniform d = 4 compile (benchmarks/layer_subsets.py
     # --base) moved ln(perplexity) by -0.064 for v_proj and +0.136 for gate+up_proj, where exponent 1
-    # predicted a net gain for the MLP and for the whole model, both measured as losses.
-    global_exponent: float = 1.0
+    # predicted a net gain for the MLP and for the whole model, both measured as losses. 0.5 (d = 4, one
+    # group, fractional widths, gptvq's bits, 3 seeds): SmolLM2 perplexity 115.6, 107.8, 108.8 against
+    # 136.0, 120.4, 115.5 at 1; Whisper NLL 1.35, 1.43, 1.73 against 1.45, 1.57, 1.72.
+    global_exponent: float = 0.5
     # The loss model D(b) of each width, a name in DISTORTION_MODELS; ``distortion_steps`` replaces it with
     # given steps (e.g. from benchmarks/distortion.py). "measured" beats high-rate on Whisper (3 seeds, 2 and
     # 3 bits) but costs SmolLM2 0.4-4.5 % of perplexity at 2 bits on every seed (README, Status).
@@ -110,13 +118,16 @@ class AssignBitsConfig(PassConfig):
         if any(not step > 1.0 for step in self.distortion_steps):
             raise RecipeError(f"assign-bits distortion_steps must all be > 1, got {list(self.distortion_steps)}",
                               "give loss(b) / loss(b + 1) from 1 bit up, e.g. --set 'assign-bits.distortion_steps=[6.8,4.8,3.2]'")
-        if any(b * self.vector_dim > MAX_CODE_BITS or b < 1 for b in self.widths):
-            raise RecipeError(f"allowed_bits {self.widths} with d={self.vector_dim} exceed {MAX_CODE_BITS}-bit codes")
+        if self.vector_dim < 0:
+            raise RecipeError(f"assign-bits vector_dim must be positive, or 0 to follow the budget, got {self.vector_dim}")
+        if any(b * self.dim > MAX_CODE_BITS or b < 1 for b in self.widths):
+            raise RecipeError(f"allowed_bits {self.widths} with d={self.dim} exceed {MAX_CODE_BITS}-bit codes")
         for b in self.widths:
-            code_bits(b, self.vector_dim)  # raises unless b * d is whole
+            code_bits(b, self.dim)  # raises unless b * d is whole
         if self.distortion == MEASURED and not self.distortion_steps and any(not float(b).is_integer() for b in self.widths):
             raise RecipeError(f"assign-bits distortion 'measured' takes whole widths, got {list(self.widths)}",
-                              "use distortion 'high-rate' or 'compensated' with fractional widths")
+                              "add --set assign-bits.fractional_widths=false (whole widths) for the measured "
+                              "model, or use distortion 'high-rate' or 'compensated'")
         if not 0.0 <= self.global_exponent <= 1.0:
             raise RecipeError(f"assign-bits global_exponent must be in [0, 1], got {self.global_exponent}",
                               "1 weighs layers by the global term as it is, 0 ignores it")
@@ -161,6 +172,11 @@ class AssignBitsConfig(PassConfig):
         return min((b for b in self.widths if b >= int(self.bits)), default=0)
 
     @property
+    def dim(self) -> int:
+        """The vector dimension: ``vector_dim``, or the budget's (``vector_dim_for_budget``) when it is 0."""
+        return self.vector_dim or vector_dim_for_budget(self.bits)
+
+    @property
     def global_power(self) -> float:
         """The power of the global term in the allocation; 0 (no global term) without global_weighting."""
         return self.global_exponent if self.global_weighting else 0.0
@@ -171,8 +187,8 @@ class AssignBitsConfig(PassConfig):
         steps of 1/d with ``fractional_widths``)."""
         if self.allowed_bits:
             return tuple(as_width(b) for b in self.allowed_bits)
-        step = Fraction(1, self.vector_dim) if self.fractional_widths else Fraction(1)
-        return widths_near_budget(self.bits, Fraction(MAX_CODE_BITS, self.vector_dim), step)
+        step = Fraction(1, self.dim) if self.fractional_widths else Fraction(1)
+        return widths_near_budget(self.bits, Fraction(MAX_CODE_BITS, self.dim), step)
 
 
 @register_pass
@@ -192,10 +208,10 @@ class AssignBits(Pass):
             return cfg.distortion_steps or DISTORTION_MODELS[cfg.distortion]
         curve = ctx.artifacts["distortion_curve"]
         missing = sorted(set(cfg.widths) - set(curve.widths))
-        if curve.vector_dim != cfg.vector_dim or missing:
+        if curve.vector_dim != cfg.dim or missing:
             raise RecipeError(
                 f"the measured distortion curve is for d={curve.vector_dim}, bits {list(curve.widths)}; "
-                f"assign-bits allocates d={cfg.vector_dim}, bits {list(cfg.widths)}",
+                f"assign-bits allocates d={cfg.dim}, bits {list(cfg.widths)}",
                 "set both passes alike: --set '*.vector_dim=N' --set '*.allowed_bits=[...]'")
         return curve.steps
 
@@ -214,14 +230,14 @@ class AssignBits(Pass):
                 structural_query_keys |= attention_query_key_layers(model, graph_layers)
         for layer in ctx.progress(ctx.layers, desc="sensitivity"):
             m, n = layer.out_features, layer.in_features
-            if n % cfg.vector_dim:
+            if n % cfg.dim:
                 continue
             w = torch.from_numpy(weight_matrix(ctx.models[layer.graph], layer))
             layer_stats = stats[layer.key]
             h = layer_stats.input_hessian
             h_o = layer_stats.h_o if layer_stats.h_o is not None else torch.ones(m)
             scores = local_sensitivity(w, h)
-            perm, bounds = channel_groups(scores, cfg.groups, cfg.vector_dim)
+            perm, bounds = channel_groups(scores, cfg.groups, cfg.dim)
             if len(bounds) == 2:
                 perm = torch.arange(n)  # one group: nothing to reorder, nothing stored
             layer_global = (global_sensitivity(h, h_o, w, kronecker_scale(layer_stats)) ** cfg.global_power
@@ -236,7 +252,7 @@ class AssignBits(Pass):
                 query_key_layers += 1
             for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
                 fixed = PERM_BITS * n if index == 0 and len(bounds) > 2 else 0
-                specs.append(GroupSpec(m * (stop - start), sensitivities[index], cfg.vector_dim, fixed, min_bits=floor))
+                specs.append(GroupSpec(m * (stop - start), sensitivities[index], cfg.dim, fixed, min_bits=floor))
                 owners.append((layer.key, index))
         if not specs:
             raise RecipeError("no layer has a width divisible by the vector dimension", "lower vector_dim")
@@ -254,7 +270,7 @@ class AssignBits(Pass):
         allocation = {}
         for key, (perm, bounds, sensitivities, layer_global) in layouts.items():
             bits = [widths[i] for i, (k, _g) in enumerate(owners) if k == key]
-            allocation[key] = LayerAllocation(perm, cfg.vector_dim, bounds, bits, sensitivities, layer_global)
+            allocation[key] = LayerAllocation(perm, cfg.dim, bounds, bits, sensitivities, layer_global)
         logger.info("allocated %.4f stored bits/weight (%.4f in indices) for a budget of %.4f",
                     summary.bits_per_weight, summary.index_bits_per_weight, cfg.bits)
         return PassResult({"allocation": allocation}, {"bits_per_weight": summary.bits_per_weight})

@@ -20,7 +20,7 @@ __all__ = ["QuantizeKMeansVQConfig", "QuantizeKMeansVQ"]
 class QuantizeKMeansVQConfig(PassConfig):
     VERSION = 1
     bits: int = 2  # bits per weight: each vector of d weights takes a (bits*d)-bit code
-    # d = 2 (16 codewords at 2 bits, 64 at 3), as mgvq: the CPU kernel's fast paths, and a codebook that
+    # d = 2 (16 codewords at 2 bits, 64 at 3), as mgvq at 3 bits: the CPU kernel's fast paths, and a codebook that
     # costs little. d = 4 (256 / 4096 codewords), measured on SmolLM2 and Whisper tiny.en (seed 0,
     # benchmarks/results/accuracy-kmeans-d{2,4}.md): 2.03-2.06 bits stored at 2 bits, 3.5-4.0 at 3 bits,
     # a 13.5-minute SmolLM2 compile at 3 bits, and 5-14x slower VQGemm (tables of 256, or decoding).

@@ -17,7 +17,9 @@ from mgvq_compile.recipes import builtin_recipe, recipe_from_dict
 from test_mgvq import _compile_mgvq, _mlp_with_calibration, run_cli
 
 
-MEASURED = ("--set", "assign-bits.distortion=measured")
+# The measured loss model takes whole widths; d = 2 at every budget, so compiles at 2.5 and 3 bits share the curve.
+MEASURED = ("--set", "assign-bits.distortion=measured", "--set", "assign-bits.fractional_widths=false",
+            "--set", "*.vector_dim=2")
 
 
 def _layer(key: str, n: int = 16) -> LinearLayer:
@@ -73,7 +75,8 @@ def test_mgvq_measures_its_curve_and_allocates_with_it(tmp_path):
     assert set(curve["sampled_layers"]) == {layer["name"] for layer in measured["layers"]}  # 3 layers < 8: all
     # The same steps given by hand give the same allocation (the curve is all that changes D(b)).
     steps = "[" + ",".join(map(str, curve["steps"])) + "]"
-    _out, given = _compile_mgvq(tmp_path, mlp, calib, "given", "--bits", "2.5", "--set", f"assign-bits.distortion_steps={steps}")
+    _out, given = _compile_mgvq(tmp_path, mlp, calib, "given", "--bits", "2.5", *MEASURED[2:],
+                                 "--set", f"assign-bits.distortion_steps={steps}")
     assert [layer["bits"] for layer in given["layers"]] == [layer["bits"] for layer in measured["layers"]]
     assert measured["summary"]["bits_per_weight"] <= 2.5
     # The curve does not depend on the budget: a 3-bit compile reuses it from the artifact cache.
@@ -89,7 +92,7 @@ def test_asking_for_the_measured_model_adds_the_measuring_pass():
     names = [p.name for p in measured.passes]
     assert names.index("measure-distortion") == names.index("assign-bits") - 1
     measure = measured.passes[names.index("measure-distortion")].config
-    assert (measure.allowed_bits, measure.vector_dim, measure.layers) == ((1, 2, 3), 2, 4)
+    assert (measure.allowed_bits, measure.vector_dim, measure.layers) == ((1, 2, 3), 4, 4)  # assign-bits' d at 2 bits
     # a saved recipe keeps the pass explicitly; without the measured model its options are refused
     assert recipe_from_dict(measured.to_dict()).to_dict() == measured.to_dict()
     with pytest.raises(RecipeError, match="no pass 'measure-distortion'") as refused:
@@ -99,7 +102,7 @@ def test_asking_for_the_measured_model_adds_the_measuring_pass():
 
 def test_measured_distortion_needs_the_pass_and_a_matching_vector_dim(tmp_path):
     recipe = builtin_recipe("mgvq", bits=2, calibrated=True).to_dict()
-    next(p for p in recipe["passes"] if p["pass"] == "assign-bits")["distortion"] = "measured"
+    next(p for p in recipe["passes"] if p["pass"] == "assign-bits").update(distortion="measured", fractional_widths=False)
     with pytest.raises(RecipeError, match="requires 'distortion_curve'") as refused:
         PassManager(list(recipe_from_dict(recipe).passes)).validate({"stats"})
     assert "provided by measure-distortion (not in the recipe)" in refused.value.hint

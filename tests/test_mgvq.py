@@ -19,6 +19,12 @@ from onnx_builders import save_mlp
 from test_calibrated_compile import write_calib
 
 
+# The layout of the defaults before config version 14 (d = 2, four groups, whole widths): the tiny test
+# models' layers are too small to pay for d = 4 codebooks at 2 bits, and whole widths starve layers to 1 bit.
+D2_FOUR_GROUPS = ("--set", "assign-bits.vector_dim=2", "--set", "assign-bits.groups=4",
+                  "--set", "assign-bits.fractional_widths=false")
+
+
 def run_cli(*args) -> int:
     return main([*map(str, args), "-q"])
 
@@ -57,7 +63,8 @@ def test_mgvq_holds_the_budget_and_runs_in_ort(tmp_path):
     for method in ("mgvq", "mgvq-no-grad"):
         summary = reports[method]["summary"]
         assert summary["bits_per_weight"] <= 2.0, (method, summary)  # everything stored counts
-        assert all(len(layer["bits"]) == 4 for layer in reports[method]["layers"])
+        # the defaults at 2 bits: one group per layer, d = 4
+        assert all(len(layer["bits"]) == 1 and layer["vector_dim"] == 4 for layer in reports[method]["layers"])
     # no allocation: one group per layer, 2 index bits everywhere, codebooks on top (as gptvq), no permutation
     no_alloc = reports["mgvq-no-alloc"]
     assert all(layer["bits"] == [2] for layer in no_alloc["layers"])
@@ -112,9 +119,10 @@ def test_codebooks_shared_per_modality(tmp_path):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         rows = inits[node.input[2]]
-        for bits in attrs["group_bits"]:
-            k = 1 << (bits * attrs["vector_dim"])
-            books_by_bits.setdefault(bits, []).append(rows[:k])
+        code_widths = attrs.get("group_code_bits") or [b * attrs["vector_dim"] for b in attrs["group_bits"]]
+        for code_width in code_widths:
+            k = 1 << code_width
+            books_by_bits.setdefault(code_width, []).append(rows[:k])
             rows = rows[k:]
     assert sum(len(books) for books in books_by_bits.values()) > len(books_by_bits)  # something is shared
     for books in books_by_bits.values():  # one modality ("text" or "other") in this MLP: one codebook per bits
@@ -135,8 +143,8 @@ def test_global_weighting_off_gives_every_layer_the_same_scale(tmp_path):
 
 def test_global_exponent_tempers_the_global_term(tmp_path):
     mlp, calib = _mlp_with_calibration(tmp_path)
-    _out, full = _compile_mgvq(tmp_path, mlp, calib, "full")
-    _out, half = _compile_mgvq(tmp_path, mlp, calib, "half", "--set", "assign-bits.global_exponent=0.5")
+    _out, full = _compile_mgvq(tmp_path, mlp, calib, "full", "--set", "assign-bits.global_exponent=1")
+    _out, half = _compile_mgvq(tmp_path, mlp, calib, "half")  # 0.5, the default
     _out, none = _compile_mgvq(tmp_path, mlp, calib, "none", "--set", "assign-bits.global_exponent=0")
     for layer_full, layer_half, layer_none in zip(full["layers"], half["layers"], none["layers"]):
         assert layer_half["global_sensitivity"] == pytest.approx(layer_full["global_sensitivity"] ** 0.5)
@@ -150,7 +158,7 @@ def test_distortion_model_reaches_the_allocation(tmp_path):
     mlp, calib = _mlp_with_calibration(tmp_path)
 
     def bits(name, *options):
-        _out, report = _compile_mgvq(tmp_path, mlp, calib, name, "--bits", "2.5",
+        _out, report = _compile_mgvq(tmp_path, mlp, calib, name, "--bits", "2.5", *D2_FOUR_GROUPS,
                                      "--set", "assign-bits.allowed_bits=[1,2,3,4]", *options)
         assert report["summary"]["bits_per_weight"] <= 2.5
         return [layer["bits"] for layer in report["layers"]]
@@ -168,7 +176,7 @@ def test_min_bits_floors_the_named_layers_within_the_budget(tmp_path, capsys):
     _out, free = _compile_mgvq(tmp_path, mlp, calib, "free")
     names = [layer["name"] for layer in free["layers"]]
     starved = min(free["layers"], key=lambda layer: sum(layer["bits"]))  # the layer the allocation starves
-    assert min(starved["bits"]) == 1
+    assert min(starved["bits"]) < 2
     rule = f"^{re.escape(starved['name'])}$=2"
     _out, floored = _compile_mgvq(tmp_path, mlp, calib, "floored", "--set", f"assign-bits.min_bits={json.dumps([rule])}")
     by_name = {layer["name"]: layer["bits"] for layer in floored["layers"]}
@@ -193,7 +201,7 @@ def test_query_and_key_projections_get_at_least_the_budget_bits(tmp_path):
     off = ("--set", "assign-bits.query_key_floor=false")
     _out, free = _compile_mgvq(tmp_path, mlp, calib, "free", *off)
     starved = min(free["layers"], key=lambda layer: sum(layer["bits"]))["name"]
-    assert min(next(layer["bits"] for layer in free["layers"] if layer["name"] == starved)) == 1
+    assert min(next(layer["bits"] for layer in free["layers"] if layer["name"] == starved)) < 2
     renamed = "block.attn.q_proj.weight"  # the same model, its starved layer named as a query projection
     proto = onnx.load(str(mlp))
     next(init for init in proto.graph.initializer if init.name == starved).name = renamed
@@ -205,7 +213,7 @@ def test_query_and_key_projections_get_at_least_the_budget_bits(tmp_path):
     assert [layer["bits"] for layer in unfloored["layers"]] == [layer["bits"] for layer in free["layers"]]
     _out, floored = _compile_mgvq(tmp_path, tmp_path / "attn.onnx", calib, "floored")
     query = next(layer for layer in floored["layers"] if layer["name"] == renamed)
-    assert min(query["bits"]) == 2
+    assert min(query["bits"]) >= 2
     assert floored["summary"]["bits_per_weight"] <= 2.0
     _out, uniform = _compile_mgvq(tmp_path, tmp_path / "attn.onnx", calib, "no-alloc-floor", "--set",
                                   "assign-bits.uniform=true", "--set", "assign-bits.groups=1")
@@ -229,6 +237,18 @@ def test_query_key_floor_width():
     assert (AssignBitsConfig().query_key_bits, AssignBitsConfig(bits=3.0).query_key_bits) == (2, 3)
     assert AssignBitsConfig(bits=2.5, allowed_bits=(1, 3)).query_key_bits == 3
     assert AssignBitsConfig(query_key_floor=False).query_key_bits == 0
+
+
+def test_vector_dim_follows_the_budget():
+    from mgvq_compile.errors import RecipeError
+    from mgvq_compile.passes.assign_bits import AssignBitsConfig
+
+    assert [AssignBitsConfig(bits=b).dim for b in (1.0, 2.0, 2.5, 2.9, 3.0, 4.0, 5.0)] == [4, 4, 4, 4, 2, 2, 1]
+    assert AssignBitsConfig(bits=3.0, vector_dim=4).dim == 4  # set by hand, it stays
+    assert AssignBitsConfig().widths == (1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75, 3)  # fractional by default
+    assert AssignBitsConfig(bits=3.0).widths == (2, 2.5, 3, 3.5, 4)
+    with pytest.raises(RecipeError, match="vector_dim must be positive"):
+        AssignBitsConfig(vector_dim=-1)
 
 
 def test_fractional_widths_config():
@@ -326,9 +346,9 @@ def test_the_query_key_floor_holds_for_anonymous_weight_names(tmp_path):
     def query_key_bits(report) -> list[int]:
         return [min(layer["bits"]) for layer in report["layers"] if layer["name"] in truth]
 
-    _out, free = _compile_mgvq(tmp_path, model, calib_dir, "free",
+    _out, free = _compile_mgvq(tmp_path, model, calib_dir, "free", *D2_FOUR_GROUPS,
                                "--set", "assign-bits.query_key_floor=false")
     assert min(query_key_bits(free)) == 1  # the allocation starves some of them
-    _out, floored = _compile_mgvq(tmp_path, model, calib_dir, "floored")
+    _out, floored = _compile_mgvq(tmp_path, model, calib_dir, "floored", *D2_FOUR_GROUPS)
     assert min(query_key_bits(floored)) >= 2
     assert floored["summary"]["bits_per_weight"] <= 2.0

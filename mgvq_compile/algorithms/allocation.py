@@ -322,7 +322,8 @@ def allocate_bits_total(
             f"a budget of {budget_bits} bits cannot hold even the narrowest allowed codes and their codebooks "
             f"({total(narrowest) + overhead_bits} bits)",
             "raise the average-bit budget, lower the groups' minimum widths (assign-bits.min_bits), allow a "
-            "smaller width, or use fewer/larger channel groups",
+            "smaller width, use fewer/larger channel groups, or a smaller vector dimension (smaller codebooks: "
+            "assign-bits.vector_dim=2)",
         )
     choice = choose(0.0)
     if total(choice) > available:
