@@ -90,9 +90,11 @@ class Recipe:
         for p in self.passes:
             measured_before = any(q.name == MEASURE_PASS for q in passes)
             if p.name == "assign-bits" and "distortion_curve" in p.requires and not measured_before:
-                # With assign-bits' default widths (near the budget) the pass keeps its own (1-4 bits), so
-                # compiles at other budgets share the measurement.
-                widths = {"allowed_bits": p.config.widths} if p.config.allowed_bits else {}
+                # With assign-bits' default widths (near the budget) at d <= 2 the pass keeps its own (1-4
+                # bits), so compiles at other budgets share the measurement; at d = 4 a 4-bit width would
+                # be 16-bit codes (65536 codewords), so it measures assign-bits' own widths.
+                own = p.config.allowed_bits or p.config.dim > 2
+                widths = {"allowed_bits": p.config.widths} if own else {}
                 passes.append(_make(MEASURE_PASS, vector_dim=p.config.dim, **widths))
             passes.append(p)
         return Recipe(self.method, tuple(passes))

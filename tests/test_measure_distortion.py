@@ -93,6 +93,10 @@ def test_asking_for_the_measured_model_adds_the_measuring_pass():
     assert names.index("measure-distortion") == names.index("assign-bits") - 1
     measure = measured.passes[names.index("measure-distortion")].config
     assert (measure.allowed_bits, measure.vector_dim, measure.layers) == ((1, 2, 3), 4, 4)  # assign-bits' d at 2 bits
+    # at d = 4 (the 2-bit default) the pass measures assign-bits' own widths: 4 bits would be 16-bit codes
+    whole = recipe.with_options({"assign-bits.distortion": "measured", "assign-bits.fractional_widths": False})
+    measure = next(p.config for p in whole.passes if p.name == "measure-distortion")
+    assert (measure.allowed_bits, measure.vector_dim) == ((1, 2, 3), 4)
     # a saved recipe keeps the pass explicitly; without the measured model its options are refused
     assert recipe_from_dict(measured.to_dict()).to_dict() == measured.to_dict()
     with pytest.raises(RecipeError, match="no pass 'measure-distortion'") as refused:
