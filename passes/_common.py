@@ -20,6 +20,8 @@ __all__ = ["per_layer_checkpointed", "quantize_layers", "quantize_in_stages", "s
 
 MAX_CODE_BITS = 16  # widest code a VQ-GEMM vector may take (b * d)
 
+logger = logging.getLogger(__name__)
+
 
 def vector_dim_for_budget(bits: float) -> int:
     """The vector dimension at a budget of ``bits`` per weight: the largest of 4, 2, 1 whose codes at the
@@ -27,8 +29,6 @@ def vector_dim_for_budget(bits: float) -> int:
     a small part of the budget. With d = 4 at 3 bits the 4096-codeword codebooks made Whisper tiny store
     4.0 bits per weight (gptvq)."""
     return next(d for d in (4, 2, 1) if int(bits) * d <= 8)
-
-logger = logging.getLogger(__name__)
 
 
 def per_layer_checkpointed(ctx: CompileContext, layers: list[LinearLayer], desc: str,

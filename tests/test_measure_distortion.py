@@ -18,8 +18,8 @@ from test_mgvq import _compile_mgvq, _mlp_with_calibration, run_cli
 
 
 # The measured loss model takes whole widths; d = 2 at every budget, so compiles at 2.5 and 3 bits share the curve.
-MEASURED = ("--set", "assign-bits.distortion=measured", "--set", "assign-bits.fractional_widths=false",
-            "--set", "*.vector_dim=2")
+WHOLE_WIDTHS_D2 = ("--set", "assign-bits.fractional_widths=false", "--set", "*.vector_dim=2")
+MEASURED = ("--set", "assign-bits.distortion=measured", *WHOLE_WIDTHS_D2)
 
 
 def _layer(key: str, n: int = 16) -> LinearLayer:
@@ -75,7 +75,7 @@ def test_mgvq_measures_its_curve_and_allocates_with_it(tmp_path):
     assert set(curve["sampled_layers"]) == {layer["name"] for layer in measured["layers"]}  # 3 layers < 8: all
     # The same steps given by hand give the same allocation (the curve is all that changes D(b)).
     steps = "[" + ",".join(map(str, curve["steps"])) + "]"
-    _out, given = _compile_mgvq(tmp_path, mlp, calib, "given", "--bits", "2.5", *MEASURED[2:],
+    _out, given = _compile_mgvq(tmp_path, mlp, calib, "given", "--bits", "2.5", *WHOLE_WIDTHS_D2,
                                  "--set", f"assign-bits.distortion_steps={steps}")
     assert [layer["bits"] for layer in given["layers"]] == [layer["bits"] for layer in measured["layers"]]
     assert measured["summary"]["bits_per_weight"] <= 2.5
