@@ -278,7 +278,7 @@ def measure_layouts(report: Path, threads: int, settings: Settings, limit: int |
 
 
 def _weights_by_bits(layouts: list[dict]) -> dict[str, float]:
-    counts: dict[int, int] = {}
+    counts: dict[float, int] = {}
     for lay in layouts:
         for (start, stop), b in zip(zip(lay["bounds"], lay["bounds"][1:]), lay["bits"]):
             counts[b] = counts.get(b, 0) + (stop - start) * lay["out"]

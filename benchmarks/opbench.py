@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from mgvq_compile.algorithms.packing import code_width
 from mgvq_compile.errors import MgvqError
 from mgvq_compile.runtime import create_session
 from mgvq_compile.vqgemm import CUSTOM_DOMAIN, CUSTOM_OP, VQGroup, VQWeight
@@ -85,12 +86,12 @@ def vq_model(rng: np.random.Generator, n: int, m: int, rows: int, bits: int, d: 
 
 
 def vq_layout_model(rng: np.random.Generator, n: int, m: int, rows: int, d: int, bounds: list[int],
-                    bits: list[int]) -> bytes:
+                    bits: list[float]) -> bytes:
     """``mgvq.VQGemm`` with the given channel groups (bounds, bits per weight), random codes and
     codebooks, and a column permutation."""
     groups = []
     for (start, stop), b in zip(zip(bounds, bounds[1:]), bits):
-        k = 1 << (b * d)
+        k = 1 << code_width(b, d)
         groups.append(VQGroup(start, stop, b, rng.standard_normal((k, d)).astype(np.float16),
                               rng.integers(0, k, (m, (stop - start) // d))))
     weight = VQWeight(m, n, d, tuple(groups), rng.permutation(n).astype(np.int32))

@@ -126,7 +126,7 @@ class VQWeight:
 
     def dequantize(self) -> np.ndarray:
         """W (float32 [m, n], original column order) exactly as every VQ-GEMM implementation decodes it."""
-        m, d = self.out_features, self.vector_dim
+        m = self.out_features
         permuted = np.empty((m, self.in_features), dtype=np.float32)
         for g in self.groups:
             permuted[:, g.start : g.stop] = g.codebook.astype(np.float32)[g.codes].reshape(m, g.width)

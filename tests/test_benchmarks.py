@@ -358,17 +358,20 @@ def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
         {"name": "a", "quantized": True, "shape": [32, 64], "vector_dim": 2, "group_bounds": [0, 32, 64], "bits": [1, 4]},
         {"name": "b", "quantized": True, "shape": [32, 64], "vector_dim": 2, "group_bounds": [0, 32, 64], "bits": [1, 4]},
         {"name": "c", "quantized": True, "shape": [16, 64], "vector_dim": 2, "group_bounds": [0, 64], "bits": [2]},
+        # a fractional width (the default layout since assign-bits config v14): 7-bit codes of d = 4
+        {"name": "d", "quantized": True, "shape": [16, 64], "vector_dim": 4, "group_bounds": [0, 64], "bits": [1.75]},
         {"name": "head", "quantized": False, "shape": [100, 64]},
     ]
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"layers": layers}))
-    assert [lay["out"] for lay in kernels.read_layouts(report)] == [32, 32, 16]
+    assert [lay["out"] for lay in kernels.read_layouts(report)] == [32, 32, 16, 16]
     result = kernels.measure_layouts(report, 1, kernels.QUICK)
-    assert result["layers"] == 3 and result["wide_code_layers"] == 2
+    assert result["layers"] == 4 and result["wide_code_layers"] == 3
     assert result["vqgemm_ms"] > result["wide_code_vqgemm_ms"] > 0 and result["fp32_ms"] > 0
-    assert result["weights_by_bits"] == pytest.approx({"1": 2048 / 5120, "2": 1024 / 5120, "4": 2048 / 5120})
+    assert result["weights_by_bits"] == pytest.approx(
+        {"1": 2048 / 6144, "1.75": 1024 / 6144, "2": 1024 / 6144, "4": 2048 / 6144})
     text = "\n".join(kernels._layouts_section(result))
-    assert "3 quantized layers" in text and "1 bits 40%" in text
+    assert "4 quantized layers" in text and "1 bits 33%" in text and "1.75 bits 17%" in text
     assert "Skipped: no report" in "\n".join(kernels._layouts_section({"skipped": "no report"}))
 
 

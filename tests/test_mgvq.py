@@ -251,6 +251,18 @@ def test_vector_dim_follows_the_budget():
         AssignBitsConfig(vector_dim=-1)
 
 
+def test_channel_groups_follow_the_vector_dim():
+    from mgvq_compile.errors import RecipeError
+    from mgvq_compile.passes.assign_bits import AssignBitsConfig
+
+    # one group where d = 4 codebooks are costly, the method page's four at d = 2 and d = 1
+    assert [AssignBitsConfig(bits=b).group_count for b in (2.0, 3.0, 5.0)] == [1, 4, 4]
+    assert AssignBitsConfig(bits=2.0, vector_dim=2).group_count == 4
+    assert AssignBitsConfig(bits=3.0, groups=1).group_count == 1  # set by hand, it stays
+    with pytest.raises(RecipeError, match="groups must be positive, or 0"):
+        AssignBitsConfig(groups=-1)
+
+
 def test_fractional_widths_config():
     from mgvq_compile.errors import RecipeError
     from mgvq_compile.passes.assign_bits import AssignBitsConfig
