@@ -135,7 +135,10 @@ def builtin_recipe(method: str, *, bits: float, calibrated: bool, portable: bool
         passes.append(_make("collect-stats", **options))
     if method.startswith("mgvq"):
         passes += [
-            _make("assign-bits", bits=float(bits), **({"uniform": True} if method == "mgvq-no-alloc" else {})),
+            # mgvq-no-alloc is module 2 alone: no channel groups (one per layer, no permutation), as gptvq,
+            # whatever group count the defaults give d.
+            _make("assign-bits", bits=float(bits),
+                  **({"uniform": True, "groups": 1} if method == "mgvq-no-alloc" else {})),
             _make("fit-codebooks"),
             _make("compensate", **({"lam": 0.0} if method == "mgvq-no-grad" else {})),
             fuse,

@@ -263,6 +263,18 @@ def test_channel_groups_follow_the_vector_dim():
         AssignBitsConfig(groups=-1)
 
 
+def test_no_alloc_ablation_has_one_group_at_every_budget():
+    from mgvq_compile.recipes import builtin_recipe
+
+    def group_count(method, bits):
+        (assign,) = [p for p in builtin_recipe(method, bits=bits, calibrated=True).passes if p.name == "assign-bits"]
+        return assign.config.group_count
+
+    # module 2 alone has no channel groups, also at 3 bits where mgvq's default (d = 2) is four
+    assert [group_count("mgvq-no-alloc", b) for b in (2, 3, 4)] == [1, 1, 1]
+    assert [group_count("mgvq", b) for b in (2, 3)] == [1, 4]
+
+
 def test_fractional_widths_config():
     from mgvq_compile.errors import RecipeError
     from mgvq_compile.passes.assign_bits import AssignBitsConfig
