@@ -2,10 +2,13 @@
 //
 // Y = X[..., perm] @ W_perm^T (+ bias), W_perm decoded from vector-quantized codes (see
 // mgvq_compile/vqgemm.py for the contract). W is never materialised: either
+//  - register path: codebooks of at most 64 codewords held in vector registers (few activation rows),
+//  - gather path: larger codebooks, few activation rows: each code's codeword loaded and multiplied
+//    with the activations straight from the bit-packed stream,
 //  - LUT path: per activation row, table[j][k] = <x_perm[j*d : j*d+d], codeword_k> for every
 //    vector position j, then y[o] = sum_j scale * table[j][code[o, j]] (AQLM/T-MAC style), or
 //  - decode path: a few rows of W_perm at a time are decoded into a small buffer and dotted with
-//    every activation row (for large codebooks where tables would not pay off).
+//    every activation row (many activation rows).
 // Hot loops exist in a portable version and an AVX2+FMA version chosen at load time.
 // The library uses only the OrtApi pointer handed to RegisterCustomOps (no link to onnxruntime).
 
@@ -158,6 +161,92 @@ void gemm_tile_portable(const float* w, int nw, const float* x, int64_t nx, int6
   for (int64_t i = 0; i < nx; ++i) dot_rows_portable(w, nw, x + (size_t)i * n, n, out + (size_t)i * ldo);
 }
 
+void halves_to_floats_portable(const uint16_t* src, size_t count, float* dst) {
+  for (size_t i = 0; i < count; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Gather path, for few activation rows and codebooks too large for the register path (d = 4 codes of
+// 7 to 12 bits: what mgvq's fractional widths give at 2 bits). Each output row is dotted with the
+// activations straight from its bit-packed codes: per code one load of its codeword (float32, d
+// floats) and a multiply-add; no table per call, no decoded weight, no unpacked code buffer.
+//
+// out[r] = sum_{v < count} <codeword code_v, x[r * x_stride + v * D ...]> for r < NR, code_v the
+// `bits`-bit code at bit bit0 + v * bits of `codes`; `end` is one past the last byte that may be read.
+using GatherDotFn = void (*)(const uint8_t* codes, const uint8_t* end, uint64_t bit0, int bits, int64_t count,
+                             const float* book, const float* x, int64_t x_stride, float* out);
+constexpr int kGatherMaxRows = 4;        // activation rows per call
+constexpr int64_t kGatherRowLimit = 8;   // more activation rows: the LUT or decode path
+constexpr int kGatherDims[4] = {1, 2, 4, 8};
+constexpr int kWindowMaxCodeBits = 14;   // 4 codes and a 7-bit offset fit one 8-byte load
+
+// The `bits`-bit code at bit `bit` of data; reads only the bytes that hold it.
+inline uint32_t code_at(const uint8_t* data, uint64_t bit, int bits) {
+  const uint8_t* p = data + (bit >> 3);
+  const int shift = (int)(bit & 7);
+  uint32_t v = 0;
+  for (int i = 0; 8 * i < shift + bits; ++i) v |= (uint32_t)p[i] << (8 * i);
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Fixed code widths (B bits, rows starting on a byte): every 8 codes take B whole bytes, so where each
+// code sits in the two 8-byte loads of its step is known at compile time.
+constexpr int kFixedMinCodeBits = 5, kFixedMaxCodeBits = kWindowMaxCodeBits;
+
+// Steps of 8 codes (B bytes each, from p) whose two 8-byte loads (at p and p + B / 2) stay before `end`.
+template <int B>
+inline int64_t fixed_steps(const uint8_t* p, const uint8_t* end, int64_t count) {
+  const int64_t avail = end - p, reach = 4 * B / 8 + 8;  // bytes the last step reads
+  return avail < reach ? 0 : std::min<int64_t>(count / 8, (avail - reach) / B + 1);
+}
+
+// Byte offset of code J's codeword (4 floats) in the window w of B-bit codes.
+template <int B, int J>
+inline uint64_t codeword_offset(uint64_t w) {
+  constexpr uint64_t kMask = ((uint64_t(1) << B) - 1) << 4;
+  if constexpr (J * B >= 4) {
+    return (w >> (J * B - 4)) & kMask;
+  } else {
+    return (w << (4 - J * B)) & kMask;
+  }
+}
+
+template <int B, int J>
+inline const float* codeword_at(const float* book, uint64_t w) {
+  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(book) + codeword_offset<B, J>(w));
+}
+
+// How many of the codes v < count (at bit bit0 + v * bits) start a byte from which 8 bytes can be read
+// without passing `avail` bytes.
+inline int64_t window_safe_count(uint64_t bit0, int bits, int64_t count, int64_t avail) {
+  const int64_t limit = (avail - 7) * 8 - (int64_t)bit0;  // code v is safe iff v * bits < limit
+  if (avail < 8 || limit <= 0) return 0;
+  return std::min<int64_t>(count, (limit + bits - 1) / bits);
+}
+
+template <int D, int NR>
+void gather_dot_portable(const uint8_t* codes, const uint8_t* end, uint64_t bit0, int bits, int64_t count,
+                         const float* book, const float* x, int64_t x_stride, float* out) {
+  (void)end;
+  float acc[NR][D] = {};
+  for (int64_t v = 0; v < count; ++v) {
+    const float* w = book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * D;
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < D; ++t) acc[r][t] += w[t] * x[r * x_stride + v * D + t];
+  }
+  for (int r = 0; r < NR; ++r) {
+    float s = 0.f;
+    for (int t = 0; t < D; ++t) s += acc[r][t];
+    out[r] = s;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Hot loops, AVX2 + FMA versions
 
@@ -294,6 +383,79 @@ __attribute__((target("avx2,fma"))) void gemm_tile_avx2(const float* w, int nw, 
     }
   }
   for (; i < nx; ++i) dot_rows_avx2(w, nw, x + (size_t)i * n, n, out + (size_t)i * ldo);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void halves_to_floats_f16c(const uint16_t* src, size_t count, float* dst) {
+  size_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+  for (; i < count; ++i) dst[i] = half_to_float(src[i]);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum128(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+// The codewords of 2 codes (d = 4) side by side.
+__attribute__((target("avx2,fma"))) inline __m256 codeword_pair(const float* book, uint64_t c0, uint64_t c1) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(book + c0 * 4)), _mm_loadu_ps(book + c1 * 4), 1);
+}
+
+// gather_dot_portable<4, NR>: 4 codes per 8-byte load of the code stream, 2 codewords per register.
+// B > 0: B-bit codes from a byte (what RunGather passes when it can), else `bits`-bit codes anywhere.
+template <int B, int NR>
+__attribute__((target("avx2,fma"))) void gather_dot4_avx2(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
+                                                          int bits, int64_t count, const float* book, const float* x,
+                                                          int64_t x_stride, float* out) {
+  __m256 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t v = 0;
+  if constexpr (B > 0) {
+    const uint8_t* p = codes + (bit0 >> 3);
+    const int64_t steps = fixed_steps<B>(p, end, count);
+    for (int64_t step = 0; step < steps; ++step, p += B) {
+      const uint64_t w0 = load_u64(p), w1 = load_u64(p + 4 * B / 8) >> (4 * B % 8);
+      const __m256 c[4] = {
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 0>(book, w0))),
+                               _mm_loadu_ps(codeword_at<B, 1>(book, w0)), 1),
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 2>(book, w0))),
+                               _mm_loadu_ps(codeword_at<B, 3>(book, w0)), 1),
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 0>(book, w1))),
+                               _mm_loadu_ps(codeword_at<B, 1>(book, w1)), 1),
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 2>(book, w1))),
+                               _mm_loadu_ps(codeword_at<B, 3>(book, w1)), 1)};
+      for (int r = 0; r < NR; ++r) {
+        const float* xr = x + r * x_stride + v * 4;
+        acc[r][0] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xr + 8), acc[r][1]);
+        acc[r][0] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xr + 16), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xr + 24), acc[r][1]);
+      }
+      v += 8;
+    }
+  } else if (bits <= kWindowMaxCodeBits) {
+    const uint64_t mask = (uint64_t(1) << bits) - 1;
+    const int64_t safe = window_safe_count(bit0, bits, count, end - codes);
+    for (uint64_t bit = bit0; v + 4 <= count && v < safe; v += 4, bit += 4 * (uint64_t)bits) {
+      const uint64_t w = load_u64(codes + (bit >> 3)) >> (bit & 7);
+      const __m256 c01 = codeword_pair(book, w & mask, (w >> bits) & mask);
+      const __m256 c23 = codeword_pair(book, (w >> 2 * bits) & mask, (w >> 3 * bits) & mask);
+      for (int r = 0; r < NR; ++r) {
+        const float* xr = x + r * x_stride + v * 4;
+        acc[r][0] = _mm256_fmadd_ps(c01, _mm256_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(c23, _mm256_loadu_ps(xr + 8), acc[r][1]);
+      }
+    }
+  }
+  __m128 tail[NR];
+  for (int r = 0; r < NR; ++r) tail[r] = _mm_setzero_ps();
+  for (; v < count; ++v) {
+    const __m128 w = _mm_loadu_ps(book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * 4);
+    for (int r = 0; r < NR; ++r) tail[r] = _mm_fmadd_ps(w, _mm_loadu_ps(x + r * x_stride + v * 4), tail[r]);
+  }
+  for (int r = 0; r < NR; ++r) out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + hsum128(tail[r]);
 }
 #endif
 
@@ -632,6 +794,69 @@ __attribute__((target(MGVQ_AVX512))) void tile_dot_avx512(const uint8_t* codes, 
     _mm512_storeu_ps(out + r * 16, s);
   }
 }
+
+// The codewords (d = 4) of the 4 codes in the low 4 * bits bits of `window`, side by side.
+__attribute__((target(MGVQ_AVX512))) inline __m512 codeword_quad(const float* book, uint64_t window, int bits,
+                                                               uint64_t mask) {
+  __m512 w = _mm512_castps128_ps512(_mm_loadu_ps(book + (window & mask) * 4));
+  w = _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> bits) & mask) * 4), 1);
+  w = _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> 2 * bits) & mask) * 4), 2);
+  return _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> 3 * bits) & mask) * 4), 3);
+}
+
+// gather_dot_portable<4, NR>: 8 codes per step (two 8-byte loads of the code stream), 4 codewords per
+// register.
+// The codewords of the 4 B-bit codes in the low 4 * B bits of w, side by side.
+template <int B>
+__attribute__((target(MGVQ_AVX512))) inline __m512 fixed_codeword_quad(const float* book, uint64_t w) {
+  __m512 q = _mm512_castps128_ps512(_mm_loadu_ps(codeword_at<B, 0>(book, w)));
+  q = _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 1>(book, w)), 1);
+  q = _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 2>(book, w)), 2);
+  return _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 3>(book, w)), 3);
+}
+
+// B > 0: B-bit codes from a byte (what RunGather passes when it can), else `bits`-bit codes anywhere.
+template <int B, int NR>
+__attribute__((target(MGVQ_AVX512))) void gather_dot4_avx512(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
+                                                           int bits, int64_t count, const float* book,
+                                                           const float* x, int64_t x_stride, float* out) {
+  __m512 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  int64_t v = 0;
+  if constexpr (B > 0) {
+    const uint8_t* p = codes + (bit0 >> 3);
+    const int64_t steps = fixed_steps<B>(p, end, count);
+    for (int64_t step = 0; step < steps; ++step, p += B, v += 8) {
+      const __m512 c0 = fixed_codeword_quad<B>(book, load_u64(p));
+      const __m512 c1 = fixed_codeword_quad<B>(book, load_u64(p + 4 * B / 8) >> (4 * B % 8));
+      for (int r = 0; r < NR; ++r) {
+        const float* xr = x + r * x_stride + v * 4;
+        acc[r][0] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+      }
+    }
+  } else if (bits <= kWindowMaxCodeBits) {
+    const uint64_t mask = (uint64_t(1) << bits) - 1;
+    const int64_t safe = window_safe_count(bit0, bits, count, end - codes);
+    for (uint64_t bit = bit0; v + 8 <= count && v + 4 < safe; v += 8, bit += 8 * (uint64_t)bits) {
+      const uint64_t bit1 = bit + 4 * (uint64_t)bits;
+      const __m512 c0 = codeword_quad(book, load_u64(codes + (bit >> 3)) >> (bit & 7), bits, mask);
+      const __m512 c1 = codeword_quad(book, load_u64(codes + (bit1 >> 3)) >> (bit1 & 7), bits, mask);
+      for (int r = 0; r < NR; ++r) {
+        const float* xr = x + r * x_stride + v * 4;
+        acc[r][0] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+      }
+    }
+  }
+  __m128 tail[NR];
+  for (int r = 0; r < NR; ++r) tail[r] = _mm_setzero_ps();
+  for (; v < count; ++v) {
+    const __m128 w = _mm_loadu_ps(book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * 4);
+    for (int r = 0; r < NR; ++r) tail[r] = _mm_fmadd_ps(w, _mm_loadu_ps(x + r * x_stride + v * 4), tail[r]);
+  }
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum128(tail[r]);
+}
 #endif
 
 #pragma GCC diagnostic pop
@@ -709,13 +934,78 @@ RegisterDotTable with_4bit_kernels(RegisterDotTable table) {
 }
 #endif
 
+// fns[dim class][rows - 1]; dim class indexes kGatherDims.
+struct GatherDotTable {
+  GatherDotFn fns[4][kGatherMaxRows] = {};
+  // d = 4, B-bit codes from a byte: fixed4[B][rows - 1] (null where absent)
+  GatherDotFn fixed4[kFixedMaxCodeBits + 1][kGatherMaxRows] = {};
+  bool vectorised_d4 = false;  // the default path may take d = 4 layers only when they run vectorised
+};
+
+template <template <int, int> class Kernel, int B>
+void fill_gather_rows(GatherDotFn* row_fns) {
+  row_fns[0] = Kernel<B, 1>::fn;
+  row_fns[1] = Kernel<B, 2>::fn;
+  row_fns[2] = Kernel<B, 3>::fn;
+  row_fns[3] = Kernel<B, 4>::fn;
+}
+
+// fns[2] (d = 4, any width) and fixed4[kFixedMinCodeBits ... kFixedMaxCodeBits] from Kernel<B, NR>.
+template <template <int, int> class Kernel, int B = kFixedMinCodeBits>
+void fill_gather_d4(GatherDotTable& table) {
+  if constexpr (B == kFixedMinCodeBits) {
+    fill_gather_rows<Kernel, 0>(table.fns[2]);
+    table.vectorised_d4 = true;
+  }
+  fill_gather_rows<Kernel, B>(table.fixed4[B]);
+  if constexpr (B < kFixedMaxCodeBits) fill_gather_d4<Kernel, B + 1>(table);
+}
+
+template <int D>
+void fill_gather_portable(GatherDotFn* row_fns) {
+  row_fns[0] = gather_dot_portable<D, 1>;
+  row_fns[1] = gather_dot_portable<D, 2>;
+  row_fns[2] = gather_dot_portable<D, 3>;
+  row_fns[3] = gather_dot_portable<D, 4>;
+}
+
+GatherDotTable portable_gather_table() {
+  GatherDotTable table;
+  fill_gather_portable<1>(table.fns[0]);
+  fill_gather_portable<2>(table.fns[1]);
+  fill_gather_portable<4>(table.fns[2]);
+  fill_gather_portable<8>(table.fns[3]);
+  return table;
+}
+
+#ifdef MGVQ_HAVE_X86
+template <int B, int NR>
+struct Avx2Gather {
+  static constexpr GatherDotFn fn = gather_dot4_avx2<B, NR>;
+};
+template <int B, int NR>
+struct Avx512Gather {
+  static constexpr GatherDotFn fn = gather_dot4_avx512<B, NR>;
+};
+
+// d = 4 runs vectorised; the other vector dimensions keep the portable loops.
+template <template <int, int> class Kernel>
+GatherDotTable vectorised_gather_table() {
+  GatherDotTable table = portable_gather_table();
+  fill_gather_d4<Kernel>(table);
+  return table;
+}
+#endif
+
 struct HotLoops {
   void (*build_table)(const float*, const float*, int, int, float*);
   float (*lookup)(const float*, const uint16_t*, int, int);
   void (*dot_rows)(const float*, int, const float*, int64_t, float*);
   float (*lookup_u8)(const float*, const uint8_t*, int);
   void (*gemm_tile)(const float*, int, const float*, int64_t, int64_t, float*, int64_t);
+  void (*halves_to_floats)(const uint16_t*, size_t, float*);
   RegisterDotTable register_dot;  // empty (no register path) on the portable level
+  GatherDotTable gather;
   const char* name;
 };
 
@@ -726,25 +1016,26 @@ HotLoops select_hot_loops() {
   const std::string force = force_env == nullptr ? "auto" : force_env;
 #ifdef MGVQ_HAVE_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512vbmi");
   if (avx512 && (force == "auto" || force == "avx512"))
-    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
-            with_4bit_kernels(make_register_table<Avx512Dot, 1, 2, 4>(16, 32)), "avx512"};
+    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2, halves_to_floats_f16c,
+            with_4bit_kernels(make_register_table<Avx512Dot, 1, 2, 4>(16, 32)), vectorised_gather_table<Avx512Gather>(), "avx512"};
   if (avx2 && force != "portable")
-    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2,
-            make_register_table<Avx2Dot, 1, 2, 0>(8, 16), "avx2"};
+    return {build_table_avx2, lookup_avx2, dot_rows_avx2, lookup_u8_avx2, gemm_tile_avx2, halves_to_floats_f16c,
+            make_register_table<Avx2Dot, 1, 2, 0>(8, 16), vectorised_gather_table<Avx2Gather>(), "avx2"};
 #endif
   return {build_table_portable, lookup_portable, dot_rows_portable, lookup_u8_portable, gemm_tile_portable,
-          RegisterDotTable{}, "portable"};
+          halves_to_floats_portable, RegisterDotTable{}, portable_gather_table(), "portable"};
 }
 
 // ------------------------------------------------------------------------------------------------
-// Code unpacking: `count` codes of `bits` bits, LSB-first, starting at bit `bit0` of `data`.
+// Code unpacking: `count` codes of `bits` bits, LSB-first, starting at bit `bit0` of `data`, which
+// holds `avail` bytes.
 
-void unpack_codes(const uint8_t* data, uint64_t bit0, int bits, int64_t count, uint16_t* out) {
+void unpack_codes(const uint8_t* data, int64_t avail, uint64_t bit0, int bits, int64_t count, uint16_t* out) {
   if (count <= 0) return;
   if ((bit0 & 7) == 0) {
     const uint8_t* p = data + (bit0 >> 3);
@@ -766,21 +1057,13 @@ void unpack_codes(const uint8_t* data, uint64_t bit0, int bits, int64_t count, u
       return;
     }
   }
-  // General case: a bit buffer refilled one byte at a time, never reading past the last code.
-  const uint32_t mask = (1u << bits) - 1u;
-  uint64_t byte = bit0 >> 3;
-  int shift = (int)(bit0 & 7);
-  uint64_t buf = (uint64_t)data[byte++] >> shift;
-  int have = 8 - shift;
-  for (int64_t i = 0; i < count; ++i) {
-    while (have < bits) {
-      buf |= (uint64_t)data[byte++] << have;
-      have += 8;
-    }
-    out[i] = (uint16_t)(buf & mask);
-    buf >>= bits;
-    have -= bits;
-  }
+  // General case: one 8-byte load per code where it stays within the buffer, the last few byte by byte.
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  const int64_t safe = window_safe_count(bit0, bits, count, avail);
+  uint64_t bit = bit0;
+  int64_t i = 0;
+  for (; i < safe; ++i, bit += bits) out[i] = (uint16_t)((load_u64(data + (bit >> 3)) >> (bit & 7)) & mask);
+  for (; i < count; ++i, bit += bits) out[i] = (uint16_t)code_at(data, bit, bits);
 }
 
 // dst[v * D ...] = book[codes[v] * D ...] for v < count.
@@ -885,16 +1168,17 @@ void parallel_for(const ParallelCtx& pc, size_t total, F&& fn) {
   }
 }
 
-enum class Path { kAuto, kLut, kDecode, kRegister };
+enum class Path { kAuto, kLut, kDecode, kRegister, kGather };
 
 struct VQGemmKernel {
   VQGemmKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), loops_(select_hot_loops()) {
     attributes_ = mgvq_op::read_attributes(info);
     layout_ = make_layout(attributes_);
-    const char* path = std::getenv("MGVQ_VQGEMM_PATH");  // register | lut | decode | auto (tests force a path)
+    const char* path = std::getenv("MGVQ_VQGEMM_PATH");  // register | gather | lut | decode | auto (tests force a path)
     if (path != nullptr && std::string(path) == "lut") path_ = Path::kLut;
     if (path != nullptr && std::string(path) == "decode") path_ = Path::kDecode;
     if (path != nullptr && std::string(path) == "register") path_ = Path::kRegister;
+    if (path != nullptr && std::string(path) == "gather") path_ = Path::kGather;
     const char* piece = std::getenv("MGVQ_VQGEMM_PIECE");  // vector positions per cached table slice
     if (piece != nullptr && std::atoi(piece) > 0) piece_vectors_ = std::min(std::atoi(piece), 4096);
     const char* tile_rows = std::getenv("MGVQ_VQGEMM_TILE_ROWS");  // most activation rows for the tile kernel
@@ -928,6 +1212,22 @@ struct VQGemmKernel {
     // (4096 x 4096, d = 2) decoding W once and a register-tiled GEMM wins past ~20 rows at 3 bits and
     // ~48 rows at 2 bits.
     return rows <= kRegisterRowLimit;
+  }
+
+  // Index into kGatherDims, or -1 when the gather path cannot take this layout.
+  int gather_dim_class() const {
+    if (layout_.segments.empty()) return -1;  // scale blocks cut vectors: only the decode path handles it
+    for (int i = 0; i < 4; ++i)
+      if (kGatherDims[i] == layout_.d) return i;
+    return -1;
+  }
+
+  // After the register path: layers with a codebook of more than 64 codewords (8-bit codes excepted).
+  bool use_gather(int64_t rows) const {
+    if (gather_dim_class() < 0) return false;
+    if (path_ == Path::kGather) return true;
+    if (path_ != Path::kAuto) return false;
+    return layout_.d == 4 && loops_.gather.vectorised_d4 && rows <= kGatherRowLimit;
   }
 
   bool use_lut(int64_t rows) const {
@@ -1014,6 +1314,8 @@ struct VQGemmKernel {
     ParallelCtx pc{&api_, context};
     if (use_register(rows)) {
       RunRegister(pc, xp.data(), rows, cb16, codes, scales, y);
+    } else if (use_gather(rows)) {
+      RunGather(pc, xp.data(), rows, cb16, codes, scales, y);
     } else if (use_lut(rows)) {
       RunLut(pc, xp.data(), rows, cb16, codes, scales, y);
     } else {
@@ -1037,13 +1339,53 @@ struct VQGemmKernel {
     return out;
   }
 
+  // All groups' codebooks as float32: out[(row * d + t)] = component t of codebook row `row`.
+  std::vector<float> CodebooksAsFloat(const uint16_t* cb16) const {
+    std::vector<float> out((size_t)layout_.codebook_rows * layout_.d);
+    loops_.halves_to_floats(cb16, out.size(), out.data());
+    return out;
+  }
+
+  void RunGather(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,
+                 const uint16_t* scales, float* y) const {
+    const Layout& L = layout_;
+    const GatherDotFn* fns = loops_.gather.fns[gather_dim_class()];
+    const std::vector<float> book = CodebooksAsFloat(cb16);
+    const std::vector<float> scale_f = ScalesAsFloat(scales);
+    const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
+    const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
+    constexpr int64_t kOutBlock = 16;  // output rows per task
+    const size_t ntasks = (size_t)((L.m + kOutBlock - 1) / kOutBlock);
+    parallel_for(pc, ntasks, [&](size_t i) {
+      const int64_t o0 = (int64_t)i * kOutBlock, o_end = std::min<int64_t>(L.m, o0 + kOutBlock);
+      float part[kGatherMaxRows], sum[kGatherMaxRows];
+      for (int64_t o = o0; o < o_end; ++o)
+        for (int64_t r0 = 0; r0 < rows; r0 += kGatherMaxRows) {
+          const int nr = (int)std::min<int64_t>(kGatherMaxRows, rows - r0);
+          std::fill(sum, sum + nr, 0.f);
+          for (const Segment& S : L.segments) {
+            const Group& G = L.groups[S.group];
+            const int64_t local = S.vec_begin - G.vec_offset;
+            const uint64_t bit0 = (uint64_t)G.code_byte * 8 + (uint64_t)(o * G.nvec + local) * G.code_bits;
+            const GatherDotFn* fixed = L.d == 4 && G.code_bits <= kFixedMaxCodeBits && (bit0 & 7) == 0
+                                           ? loops_.gather.fixed4[G.code_bits] : nullptr;
+            (fixed != nullptr && fixed[0] != nullptr ? fixed : fns)[nr - 1](codes, codes_end, bit0, (int)G.code_bits, S.count, book.data() + G.codebook_row * L.d,
+                        xp + (size_t)r0 * L.n + G.start + local * L.d, L.n, part);
+            const float s = scaled && S.scale_col >= 0 ? scale_f[o * (L.n / L.scale_group) + S.scale_col] : 1.f;
+            for (int r = 0; r < nr; ++r) sum[r] += s * part[r];
+          }
+          for (int r = 0; r < nr; ++r) y[(size_t)(r0 + r) * L.m + o] = sum[r];
+        }
+    });
+  }
+
   // Unpacks output row o's codes of every group into codes_out[vec_offset ...].
   void UnpackRow(const uint8_t* codes, int64_t o, uint16_t* codes_out) const {
     const Layout& L = layout_;
     for (const Group& G : L.groups) {
       const int bd = (int)G.code_bits;
       uint64_t bit0 = (uint64_t)G.code_byte * 8 + (uint64_t)o * G.nvec * bd;
-      unpack_codes(codes, bit0, bd, G.nvec, codes_out + G.vec_offset);
+      unpack_codes(codes, L.code_nbytes, bit0, bd, G.nvec, codes_out + G.vec_offset);
     }
   }
 
@@ -1118,7 +1460,7 @@ struct VQGemmKernel {
                 }
                 continue;
               }
-              unpack_codes(codes, (uint64_t)G.code_byte * 8 + ((uint64_t)o * G.nvec + local) * bd, bd, count,
+              unpack_codes(codes, L.code_nbytes, (uint64_t)G.code_byte * 8 + ((uint64_t)o * G.nvec + local) * bd, bd, count,
                            piece_codes.data());
               for (int64_t r = 0; r < nr; ++r) {
                 const float* table = tables.data() + (size_t)r * table_floats + table_off[S.group] + (size_t)local * G.K;
@@ -1269,10 +1611,10 @@ struct VQGemmKernel {
   // The group's codebook as float32, transposed: cbT[t * K + k] = component t of codeword k.
   std::vector<float> TransposedCodebook(const Group& G, const uint16_t* cb16) const {
     const int64_t d = layout_.d;
-    std::vector<float> cbT((size_t)G.K * d);
+    std::vector<float> book((size_t)G.K * d), cbT((size_t)G.K * d);
+    loops_.halves_to_floats(cb16 + (size_t)G.codebook_row * d, book.size(), book.data());
     for (int64_t k = 0; k < G.K; ++k)
-      for (int64_t t = 0; t < d; ++t)
-        cbT[(size_t)t * G.K + k] = half_to_float(cb16[(size_t)(G.codebook_row + k) * d + t]);
+      for (int64_t t = 0; t < d; ++t) cbT[(size_t)t * G.K + k] = book[(size_t)k * d + t];
     return cbT;
   }
 
@@ -1292,8 +1634,7 @@ struct VQGemmKernel {
                  const uint16_t* scales, float* y) const {
     const Layout& L = layout_;
     const int64_t d = L.d;
-    std::vector<float> cb((size_t)L.codebook_rows * d);
-    for (size_t i = 0; i < cb.size(); ++i) cb[i] = half_to_float(cb16[i]);
+    const std::vector<float> cb = CodebooksAsFloat(cb16);
     constexpr int64_t kRows = 8;  // rows of W_perm decoded at a time
     const size_t ntasks = (size_t)((L.m + kRows - 1) / kRows);
     parallel_for(pc, ntasks, [&](size_t i) {

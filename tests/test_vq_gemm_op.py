@@ -113,7 +113,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("m,n,d,bounds,bits,perm,scale_group,with_bias,batch", CASES)
-@pytest.mark.parametrize("path", ["auto", "register", "lut", "decode"])
+@pytest.mark.parametrize("path", ["auto", "register", "gather", "lut", "decode"])
 def test_custom_op_equals_reference_and_decomposed(session_for, m, n, d, bounds, bits, perm, scale_group,
                                                    with_bias, batch, path):
     rng = np.random.default_rng(m * 1000 + n)
@@ -128,7 +128,7 @@ def test_custom_op_equals_reference_and_decomposed(session_for, m, n, d, bounds,
     assert rel_err(y, y_dec) < 1e-5
 
 
-@pytest.mark.parametrize("path", ["lut", "decode"])
+@pytest.mark.parametrize("path", ["gather", "lut", "decode"])
 def test_portable_path_equals_vectorised_path(session_for, path):
     rng = np.random.default_rng(7)
     weight = random_weight(rng, 37, 72, 4, [0, 40, 72], [2, 3], perm=True, scale_group=8)
@@ -155,6 +155,41 @@ def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bound
     x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
     session = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path="register", isa=isa)
     assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
+# Layouts for the gather kernels (codebooks too large for registers, few activation rows): d = 4 codes of
+# 5 to 16 bits in rows that start on a byte (the fixed-width kernels) and rows that do not (odd vector
+# counts, scale blocks of 3 vectors), more rows than one call takes, and d = 2 and 8 (portable loops).
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("m,n,d,bounds,bits,scale_group,batch", [
+    (24, 256, 4, [0, 256], [1.75], 0, (1,)),
+    (19, 200, 4, [0, 72, 200], [2.25, 2.75], 0, (3,)),  # 18 vectors of 9 bits: every other row off a byte
+    (21, 96, 4, [0, 32, 96], [1.25, 3], 32, (9,)),
+    (17, 96, 4, [0, 48, 96], [1.75, 2.5], 12, (2,)),
+    (9, 64, 4, [0, 32, 64], [3.5, 4], 0, (5,)),       # 14- and 16-bit codes
+    (40, 64, 4, [0, 16, 64], [1, 2], 16, (4,)),       # 4- and 8-bit codes
+    (23, 64, 2, [0, 64], [3.5], 0, (2,)),
+    (9, 64, 8, [0, 64], [1.25], 8, (3,)),
+])
+def test_gather_path_on_every_instruction_set(session_for, isa, m, n, d, bounds, bits, scale_group, batch):
+    rng = np.random.default_rng(m * 3 + n)
+    weight = random_weight(rng, m, n, d, bounds, bits, perm=True, scale_group=scale_group)
+    bias = nonzero_normal(rng, (m,)).astype(np.float32)
+    x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
+    session = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path="gather", isa=isa)
+    assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 40])
+def test_wide_d4_codes_on_the_default_path(session_for, batch):
+    # mgvq's 2-bit default: d = 4, fractional widths, so 6- to 12-bit codes, mixed in one layer here: the
+    # gather path up to 8 activation rows, the LUT or decode path beyond.
+    rng = np.random.default_rng(batch + 100)
+    weight = random_weight(rng, 48, 192, 4, [0, 64, 128, 192], [1.5, 2.25, 3], perm=True)
+    bias = nonzero_normal(rng, (48,)).astype(np.float32)
+    x = nonzero_normal(rng, (batch, 192)).astype(np.float32)
+    (y,) = session_for(custom_model(weight, (batch,), TensorProto.FLOAT, bias)).run(None, {"x": x})
+    assert rel_err(y, vqgemm_reference(x, weight, bias)) < 1e-5
 
 
 # Layouts for the AVX-512 tile kernel (2- and 4-bit codes, rows of whole bytes, 16 output rows per
@@ -194,7 +229,7 @@ def test_lut_table_slices(session_for, isa, piece):
     assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
 
 
-@pytest.mark.parametrize("path,d", [("lut", 4), ("decode", 4), ("register", 2)])
+@pytest.mark.parametrize("path,d", [("lut", 4), ("decode", 4), ("register", 2), ("gather", 4)])
 def test_float16_activations(session_for, path, d):
     rng = np.random.default_rng(3)
     weight = random_weight(rng, 24, 32, d, [0, 16, 32], [2, 1], perm=True, scale_group=8)
@@ -220,15 +255,15 @@ def test_outputs_are_written_over_a_poisoned_buffer(session_for):
     assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
 
 
-@pytest.mark.parametrize("d", [4, 2])  # table-lookup and register-codebook kernels
-def test_deterministic_across_runs_and_threads(session_for, d):
+@pytest.mark.parametrize("path,d,bits", [("lut", 4, 2), ("register", 2, 2), ("gather", 4, 2.5), ("decode", 4, 2.5)])
+def test_deterministic_across_runs_and_threads(session_for, path, d, bits):
     rng = np.random.default_rng(5)
-    weight = random_weight(rng, 300, 64, d, [0, 64], [2], perm=True, scale_group=16)
+    weight = random_weight(rng, 300, 64, d, [0, 64], [bits], perm=True, scale_group=16)
     model = custom_model(weight, (4,), TensorProto.FLOAT, None)
     x = nonzero_normal(rng, (4, 64)).astype(np.float32)
-    first = session_for(model, threads=2).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(first, session_for(model, threads=2).run(None, {"x": x})[0])
-    np.testing.assert_array_equal(first, session_for(model, threads=1).run(None, {"x": x})[0])
+    first = session_for(model, path=path, threads=2).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(first, session_for(model, path=path, threads=2).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(first, session_for(model, path=path, threads=1).run(None, {"x": x})[0])
 
 
 def test_bad_inputs_are_reported(session_for):
@@ -267,7 +302,7 @@ def test_library_path_errors(monkeypatch, tmp_path):
     assert "custom_ops/build.py" in str(info.value)
 
 
-@pytest.mark.parametrize("path", ["register", "lut", "decode"])
+@pytest.mark.parametrize("path", ["register", "gather", "lut", "decode"])
 def test_scale_group_size_without_scales_scales_nothing(session_for, path):
     rng = np.random.default_rng(2)
     weight = random_weight(rng, 32, 64, 2, [0, 64], [2], perm=True)
