@@ -7,7 +7,7 @@
    ``com.microsoft.MatMulNBits`` at 4 and 2 bits (block 128; accuracy_level 0 = float compute, 4 = int8
    activations) and ``mgvq.VQGemm`` at 2 and 3 bits with d = 2 (mgvq's default at 3 bits, and at 2 before config v14: 16 and 64 codewords,
    the register-codebook kernel) and at 2 bits with d = 4 (mgvq's default at 2 bits: 256 codewords, the
-   table-lookup kernel); one group, a column permutation. The issue's check: VQGemm 2-bit d = 2 over
+   gather kernel up to 8 activation rows); one group, a column permutation. The issue's check: VQGemm 2-bit d = 2 over
    MatMulNBits 2-bit at 4096x4096, batch 1 (goal <= 0.3x), against both accuracy levels.
    Median time of many runs, "warm" (back to back) and "cold" (the caches evicted before each run by
    reading a buffer far larger than L3 on the same threads); effective GB/s = weight bytes / time, and
@@ -228,7 +228,7 @@ def measure_decode(label: str, model: Path, threads: int, settings: Settings) ->
 
 
 # Codes up to this width run on the CPU kernel's register kernels (kRegisterMaxCodeBits in
-# custom_ops/vq_gemm_cpu.cc); wider ones use tables of 256 codewords or more.
+# custom_ops/vq_gemm_cpu.cc); wider ones (d = 4) take its gather kernel at batch 1.
 REGISTER_MAX_CODE_BITS = 6
 
 

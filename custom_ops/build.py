@@ -151,9 +151,11 @@ def fetch_headers(deb: Path | None = None) -> Path:
     return HEADERS_DIR
 
 
-def build(output: Path = LIBRARY, *, force: bool = False, cxx: str = "g++") -> Path:
-    """Compile the CPU kernels into ``output`` (skipped when it is newer than its sources)."""
-    if not force and output.exists() and all(output.stat().st_mtime >= s.stat().st_mtime for s in CPU_INPUTS):
+def build(output: Path = LIBRARY, *, force: bool = False, cxx: str = "g++", sources: list[Path] | None = None) -> Path:
+    """Compile the CPU kernels into ``output`` (skipped when it is newer than its sources). ``sources``: other
+    copies of them (an earlier commit's, for a side-by-side timing), always compiled."""
+    if sources is None and not force and output.exists() and \
+            all(output.stat().st_mtime >= s.stat().st_mtime for s in CPU_INPUTS):
         return output
     _check_tools(cxx)
     headers = fetch_headers()
@@ -161,7 +163,7 @@ def build(output: Path = LIBRARY, *, force: bool = False, cxx: str = "g++") -> P
     tmp_out = output.with_name(f"{output.name}.{os.getpid()}.tmp")
     cmd = [
         cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra",
-        "-Wno-unused-parameter", f"-I{headers}", *map(str, SOURCES), "-o", str(tmp_out),
+        "-Wno-unused-parameter", f"-I{headers}", *map(str, SOURCES if sources is None else sources), "-o", str(tmp_out),
     ]
     _run(cmd)
     tmp_out.replace(output)  # atomic, so a concurrent loader never sees a half-written library

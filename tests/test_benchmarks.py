@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import accuracy  # noqa: E402
 import distortion  # noqa: E402
 import gradient  # noqa: E402
+import kernel_builds  # noqa: E402
 import kernels  # noqa: E402
 import opbench  # noqa: E402
 
@@ -373,6 +374,36 @@ def test_layouts_of_a_report_are_timed_and_reported(ops_library, tmp_path):
     text = "\n".join(kernels._layouts_section(result))
     assert "4 quantized layers" in text and "1 bits 33%" in text and "1.75 bits 17%" in text
     assert "Skipped: no report" in "\n".join(kernels._layouts_section({"skipped": "no report"}))
+
+
+def test_kernel_builds_times_two_libraries_side_by_side(ops_library, tmp_path, capsys):
+    if ops_library is None:
+        pytest.skip("mgvq custom-op library could not be built; run python custom_ops/build.py")
+    layers = [{"name": "a", "quantized": True, "shape": [16, 64], "vector_dim": 4, "group_bounds": [0, 64], "bits": [2.25]},
+              {"name": "b", "quantized": True, "shape": [16, 64], "vector_dim": 2, "group_bounds": [0, 64], "bits": [2]}]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"layers": layers}))
+    assert kernel_builds.main(["--baseline", ops_library, "--layouts", str(report), "--runs", "2", "--quick",
+                               "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "kernel_builds.json").read_text())
+    assert [len(runs) for runs in record["runs"].values()] == [2, 2]
+    assert record["layers"] == 2 and record["wide_code_layers"] == 1
+    baseline, current = record["builds"]
+    assert baseline["build"] == Path(ops_library).name and current["build"].startswith("current build")
+    assert all(ms > 0 for row in record["builds"] for ms in row["vqgemm_ms"] + row["fp32_ms"])
+    text = (tmp_path / "kernel_builds.md").read_text()
+    assert f"Speed-up of {current['build']} over {baseline['build']}" in text and text in capsys.readouterr().out
+
+
+def test_kernel_builds_refuses_a_baseline_it_cannot_find(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"layers": []}))
+    assert kernel_builds.main(["--baseline", "no-such-commit", "--layouts", str(report), "--out-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "neither a library file nor a commit" in error and "HEAD~1" in error
+    assert kernel_builds.main(["--layouts", str(report), "--out-dir", str(tmp_path)]) == 2
+    assert "no --baseline" in capsys.readouterr().err
+    assert not (tmp_path / "kernel_builds.json").exists()
 
 
 def test_layer_subsets_refuses_bad_arguments(tmp_path, capsys):
