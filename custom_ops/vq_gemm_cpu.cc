@@ -206,20 +206,56 @@ inline int64_t fixed_steps(const uint8_t* p, const uint8_t* end, int64_t count) 
   return avail < reach ? 0 : std::min<int64_t>(count / 8, (avail - reach) / B + 1);
 }
 
-// Byte offset of code J's codeword (4 floats) in the window w of B-bit codes.
-template <int B, int J>
+// Byte offset of code J's codeword (D = 2 or 4 floats) in the window w of B-bit codes.
+template <int D, int B, int J>
 inline uint64_t codeword_offset(uint64_t w) {
-  constexpr uint64_t kMask = ((uint64_t(1) << B) - 1) << 4;
-  if constexpr (J * B >= 4) {
-    return (w >> (J * B - 4)) & kMask;
+  constexpr int kShift = D == 2 ? 3 : 4;  // log2 of a codeword's bytes
+  constexpr uint64_t kMask = ((uint64_t(1) << B) - 1) << kShift;
+  if constexpr (J * B >= kShift) {
+    return (w >> (J * B - kShift)) & kMask;
   } else {
-    return (w << (4 - J * B)) & kMask;
+    return (w << (kShift - J * B)) & kMask;
   }
 }
 
-template <int B, int J>
+template <int D, int B, int J>
 inline const float* codeword_at(const float* book, uint64_t w) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(book) + codeword_offset<B, J>(w));
+  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(book) + codeword_offset<D, B, J>(w));
+}
+
+// The codewords of one step's 8 codes: B-bit codes from the byte p.
+template <int D, int B>
+inline void fixed_step_codewords(const float* book, const uint8_t* p, const float* (&cw)[8]) {
+  const uint64_t w0 = load_u64(p), w1 = load_u64(p + 4 * B / 8) >> (4 * B % 8);
+  cw[0] = codeword_at<D, B, 0>(book, w0);
+  cw[1] = codeword_at<D, B, 1>(book, w0);
+  cw[2] = codeword_at<D, B, 2>(book, w0);
+  cw[3] = codeword_at<D, B, 3>(book, w0);
+  cw[4] = codeword_at<D, B, 0>(book, w1);
+  cw[5] = codeword_at<D, B, 1>(book, w1);
+  cw[6] = codeword_at<D, B, 2>(book, w1);
+  cw[7] = codeword_at<D, B, 3>(book, w1);
+}
+
+// The same for `bits`-bit codes (at most kWindowMaxCodeBits) from bit `bit` of `codes`.
+template <int D>
+inline void step_codewords(const float* book, const uint8_t* codes, uint64_t bit, int bits, const float* (&cw)[8]) {
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  for (int half = 0; half < 2; ++half, bit += 4 * (uint64_t)bits) {
+    const uint64_t w = load_u64(codes + (bit >> 3)) >> (bit & 7);
+    for (int j = 0; j < 4; ++j) cw[4 * half + j] = book + ((w >> (j * bits)) & mask) * D;
+  }
+}
+
+// tail[r] += sum_{v0 <= v < count} <codeword code_v, x[r * x_stride + v * D ...]>, one code at a time.
+template <int D, int NR>
+inline void gather_tail(const uint8_t* codes, uint64_t bit0, int bits, int64_t v0, int64_t count, const float* book,
+                        const float* x, int64_t x_stride, float* tail) {
+  for (int64_t v = v0; v < count; ++v) {
+    const float* w = book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * D;
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < D; ++t) tail[r] += w[t] * x[r * x_stride + v * D + t];
+  }
 }
 
 // How many of the codes v < count (at bit bit0 + v * bits) start a byte from which 8 bytes can be read
@@ -398,64 +434,66 @@ __attribute__((target("avx2,fma"))) inline float hsum128(__m128 s) {
   return _mm_cvtss_f32(s);
 }
 
-// The codewords of 2 codes (d = 4) side by side.
-__attribute__((target("avx2,fma"))) inline __m256 codeword_pair(const float* book, uint64_t c0, uint64_t c1) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(book + c0 * 4)), _mm_loadu_ps(book + c1 * 4), 1);
+// Two codewords of 4 floats side by side.
+__attribute__((target("avx2,fma"))) inline __m256 two_quads(const float* a, const float* b) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
 }
 
-// gather_dot_portable<4, NR>: 4 codes per 8-byte load of the code stream, 2 codewords per register.
-// B > 0: B-bit codes from a byte (what RunGather passes when it can), else `bits`-bit codes anywhere.
-template <int B, int NR>
-__attribute__((target("avx2,fma"))) void gather_dot4_avx2(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
-                                                          int bits, int64_t count, const float* book, const float* x,
-                                                          int64_t x_stride, float* out) {
-  __m256 acc[NR][2];
-  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+// Four codewords of 2 floats side by side (64-bit loads through __m128i, which may alias floats).
+__attribute__((target("avx2,fma"))) inline __m256 four_pairs(const float* const* cw) {
+  const __m128i a = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)cw[0]), _mm_loadl_epi64((const __m128i*)cw[1]));
+  const __m128i b = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)cw[2]), _mm_loadl_epi64((const __m128i*)cw[3]));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castsi128_ps(a)), _mm_castsi128_ps(b), 1);
+}
+
+// acc[r][i] += (codewords of one step's 8 codes, register i) * (their activations) for D registers.
+template <int D, int NR>
+__attribute__((target("avx2,fma"))) inline void step_fma_avx2(const float* const* cw, const float* x, int64_t x_stride,
+                                                             __m256 (*acc)[D]) {
+  __m256 w[D];
+  if constexpr (D == 4) {
+    for (int i = 0; i < 4; ++i) w[i] = two_quads(cw[2 * i], cw[2 * i + 1]);
+  } else {
+    w[0] = four_pairs(cw);
+    w[1] = four_pairs(cw + 4);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < D; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * x_stride + 8 * i), acc[r][i]);
+}
+
+// gather_dot_portable<D, NR> for D = 2 or 4, 8 codes per step (two 8-byte loads of the code stream).
+// B > 0: B-bit codes from a byte (RunGather and RunRegister pass such rows here), else `bits`-bit codes
+// anywhere.
+template <int D, int B, int NR>
+__attribute__((target("avx2,fma"))) void gather_dot_avx2(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
+                                                         int bits, int64_t count, const float* book, const float* x,
+                                                         int64_t x_stride, float* out) {
+  __m256 acc[NR][D];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < D; ++i) acc[r][i] = _mm256_setzero_ps();
+  const float* cw[8];
   int64_t v = 0;
   if constexpr (B > 0) {
     const uint8_t* p = codes + (bit0 >> 3);
     const int64_t steps = fixed_steps<B>(p, end, count);
-    for (int64_t step = 0; step < steps; ++step, p += B) {
-      const uint64_t w0 = load_u64(p), w1 = load_u64(p + 4 * B / 8) >> (4 * B % 8);
-      const __m256 c[4] = {
-          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 0>(book, w0))),
-                               _mm_loadu_ps(codeword_at<B, 1>(book, w0)), 1),
-          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 2>(book, w0))),
-                               _mm_loadu_ps(codeword_at<B, 3>(book, w0)), 1),
-          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 0>(book, w1))),
-                               _mm_loadu_ps(codeword_at<B, 1>(book, w1)), 1),
-          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(codeword_at<B, 2>(book, w1))),
-                               _mm_loadu_ps(codeword_at<B, 3>(book, w1)), 1)};
-      for (int r = 0; r < NR; ++r) {
-        const float* xr = x + r * x_stride + v * 4;
-        acc[r][0] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xr), acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xr + 8), acc[r][1]);
-        acc[r][0] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xr + 16), acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xr + 24), acc[r][1]);
-      }
-      v += 8;
+    for (int64_t step = 0; step < steps; ++step, p += B, v += 8) {
+      fixed_step_codewords<D, B>(book, p, cw);
+      step_fma_avx2<D, NR>(cw, x + v * D, x_stride, acc);
     }
   } else if (bits <= kWindowMaxCodeBits) {
-    const uint64_t mask = (uint64_t(1) << bits) - 1;
     const int64_t safe = window_safe_count(bit0, bits, count, end - codes);
-    for (uint64_t bit = bit0; v + 4 <= count && v < safe; v += 4, bit += 4 * (uint64_t)bits) {
-      const uint64_t w = load_u64(codes + (bit >> 3)) >> (bit & 7);
-      const __m256 c01 = codeword_pair(book, w & mask, (w >> bits) & mask);
-      const __m256 c23 = codeword_pair(book, (w >> 2 * bits) & mask, (w >> 3 * bits) & mask);
-      for (int r = 0; r < NR; ++r) {
-        const float* xr = x + r * x_stride + v * 4;
-        acc[r][0] = _mm256_fmadd_ps(c01, _mm256_loadu_ps(xr), acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(c23, _mm256_loadu_ps(xr + 8), acc[r][1]);
-      }
+    for (uint64_t bit = bit0; v + 8 <= count && v + 4 < safe; v += 8, bit += 8 * (uint64_t)bits) {
+      step_codewords<D>(book, codes, bit, bits, cw);
+      step_fma_avx2<D, NR>(cw, x + v * D, x_stride, acc);
     }
   }
-  __m128 tail[NR];
-  for (int r = 0; r < NR; ++r) tail[r] = _mm_setzero_ps();
-  for (; v < count; ++v) {
-    const __m128 w = _mm_loadu_ps(book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * 4);
-    for (int r = 0; r < NR; ++r) tail[r] = _mm_fmadd_ps(w, _mm_loadu_ps(x + r * x_stride + v * 4), tail[r]);
+  float tail[NR] = {};
+  gather_tail<D, NR>(codes, bit0, bits, v, count, book, x, x_stride, tail);
+  for (int r = 0; r < NR; ++r) {
+    __m256 s = acc[r][0];
+    for (int i = 1; i < D; ++i) s = _mm256_add_ps(s, acc[r][i]);
+    out[r] = hsum256(s) + tail[r];
   }
-  for (int r = 0; r < NR; ++r) out[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + hsum128(tail[r]);
 }
 #endif
 
@@ -495,9 +533,10 @@ constexpr int kTileRows = 16;             // output rows per tile call (lanes of
 constexpr int64_t kTileRowLimit = 4;      // more activation rows: the nibble kernel
 
 constexpr int kRegisterMaxCodeBits = 6;  // tables of at most 64 codewords per component
-// Groups of 8-bit codes (256 codewords: 4 bits at d = 2, as mgvq's allocation gives some groups) next
-// to narrower ones: the register path looks them up in per-position tables of 256 products, one byte
-// per code, for at most this many activation rows (beyond, the whole layer takes the LUT or decode path).
+// Groups of 8-bit codes next to narrower ones where the gather kernels are not vectorised (d = 1; at
+// d = 2 and 4 those take them): the register path looks them up in per-position tables of 256 products,
+// one byte per code, for at most this many activation rows (beyond, the whole layer takes the LUT or
+// decode path).
 constexpr int kByteCodeBits = 8;
 constexpr int64_t kByteGroupRowLimit = 4;
 constexpr int kRegisterTableStride = 64;
@@ -795,67 +834,57 @@ __attribute__((target(MGVQ_AVX512))) void tile_dot_avx512(const uint8_t* codes, 
   }
 }
 
-// The codewords (d = 4) of the 4 codes in the low 4 * bits bits of `window`, side by side.
-__attribute__((target(MGVQ_AVX512))) inline __m512 codeword_quad(const float* book, uint64_t window, int bits,
-                                                               uint64_t mask) {
-  __m512 w = _mm512_castps128_ps512(_mm_loadu_ps(book + (window & mask) * 4));
-  w = _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> bits) & mask) * 4), 1);
-  w = _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> 2 * bits) & mask) * 4), 2);
-  return _mm512_insertf32x4(w, _mm_loadu_ps(book + ((window >> 3 * bits) & mask) * 4), 3);
+// acc[r][i] += (codewords of one step's 8 codes, register i) * (their activations) for D / 2 registers.
+template <int D, int NR>
+__attribute__((target(MGVQ_AVX512))) inline void step_fma_avx512(const float* const* cw, const float* x,
+                                                               int64_t x_stride, __m512 (*acc)[D / 2]) {
+  __m512 w[D / 2];
+  if constexpr (D == 4) {
+    for (int h = 0; h < 2; ++h) {
+      __m512 q = _mm512_castps128_ps512(_mm_loadu_ps(cw[4 * h]));
+      q = _mm512_insertf32x4(q, _mm_loadu_ps(cw[4 * h + 1]), 1);
+      q = _mm512_insertf32x4(q, _mm_loadu_ps(cw[4 * h + 2]), 2);
+      w[h] = _mm512_insertf32x4(q, _mm_loadu_ps(cw[4 * h + 3]), 3);
+    }
+  } else {
+    w[0] = _mm512_insertf32x8(_mm512_castps256_ps512(four_pairs(cw)), four_pairs(cw + 4), 1);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < D / 2; ++i)
+      acc[r][i] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(x + r * x_stride + 16 * i), acc[r][i]);
 }
 
-// gather_dot_portable<4, NR>: 8 codes per step (two 8-byte loads of the code stream), 4 codewords per
-// register.
-// The codewords of the 4 B-bit codes in the low 4 * B bits of w, side by side.
-template <int B>
-__attribute__((target(MGVQ_AVX512))) inline __m512 fixed_codeword_quad(const float* book, uint64_t w) {
-  __m512 q = _mm512_castps128_ps512(_mm_loadu_ps(codeword_at<B, 0>(book, w)));
-  q = _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 1>(book, w)), 1);
-  q = _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 2>(book, w)), 2);
-  return _mm512_insertf32x4(q, _mm_loadu_ps(codeword_at<B, 3>(book, w)), 3);
-}
-
-// B > 0: B-bit codes from a byte (what RunGather passes when it can), else `bits`-bit codes anywhere.
-template <int B, int NR>
-__attribute__((target(MGVQ_AVX512))) void gather_dot4_avx512(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
-                                                           int bits, int64_t count, const float* book,
-                                                           const float* x, int64_t x_stride, float* out) {
-  __m512 acc[NR][2];
-  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+// gather_dot_avx2 with 512-bit registers.
+template <int D, int B, int NR>
+__attribute__((target(MGVQ_AVX512))) void gather_dot_avx512(const uint8_t* codes, const uint8_t* end, uint64_t bit0,
+                                                          int bits, int64_t count, const float* book, const float* x,
+                                                          int64_t x_stride, float* out) {
+  __m512 acc[NR][D / 2];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < D / 2; ++i) acc[r][i] = _mm512_setzero_ps();
+  const float* cw[8];
   int64_t v = 0;
   if constexpr (B > 0) {
     const uint8_t* p = codes + (bit0 >> 3);
     const int64_t steps = fixed_steps<B>(p, end, count);
     for (int64_t step = 0; step < steps; ++step, p += B, v += 8) {
-      const __m512 c0 = fixed_codeword_quad<B>(book, load_u64(p));
-      const __m512 c1 = fixed_codeword_quad<B>(book, load_u64(p + 4 * B / 8) >> (4 * B % 8));
-      for (int r = 0; r < NR; ++r) {
-        const float* xr = x + r * x_stride + v * 4;
-        acc[r][0] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xr), acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xr + 16), acc[r][1]);
-      }
+      fixed_step_codewords<D, B>(book, p, cw);
+      step_fma_avx512<D, NR>(cw, x + v * D, x_stride, acc);
     }
   } else if (bits <= kWindowMaxCodeBits) {
-    const uint64_t mask = (uint64_t(1) << bits) - 1;
     const int64_t safe = window_safe_count(bit0, bits, count, end - codes);
     for (uint64_t bit = bit0; v + 8 <= count && v + 4 < safe; v += 8, bit += 8 * (uint64_t)bits) {
-      const uint64_t bit1 = bit + 4 * (uint64_t)bits;
-      const __m512 c0 = codeword_quad(book, load_u64(codes + (bit >> 3)) >> (bit & 7), bits, mask);
-      const __m512 c1 = codeword_quad(book, load_u64(codes + (bit1 >> 3)) >> (bit1 & 7), bits, mask);
-      for (int r = 0; r < NR; ++r) {
-        const float* xr = x + r * x_stride + v * 4;
-        acc[r][0] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xr), acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xr + 16), acc[r][1]);
-      }
+      step_codewords<D>(book, codes, bit, bits, cw);
+      step_fma_avx512<D, NR>(cw, x + v * D, x_stride, acc);
     }
   }
-  __m128 tail[NR];
-  for (int r = 0; r < NR; ++r) tail[r] = _mm_setzero_ps();
-  for (; v < count; ++v) {
-    const __m128 w = _mm_loadu_ps(book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * 4);
-    for (int r = 0; r < NR; ++r) tail[r] = _mm_fmadd_ps(w, _mm_loadu_ps(x + r * x_stride + v * 4), tail[r]);
+  float tail[NR] = {};
+  gather_tail<D, NR>(codes, bit0, bits, v, count, book, x, x_stride, tail);
+  for (int r = 0; r < NR; ++r) {
+    __m512 s = acc[r][0];
+    for (int i = 1; i < D / 2; ++i) s = _mm512_add_ps(s, acc[r][i]);
+    out[r] = _mm512_reduce_add_ps(s) + tail[r];
   }
-  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + hsum128(tail[r]);
 }
 #endif
 
@@ -937,29 +966,10 @@ RegisterDotTable with_4bit_kernels(RegisterDotTable table) {
 // fns[dim class][rows - 1]; dim class indexes kGatherDims.
 struct GatherDotTable {
   GatherDotFn fns[4][kGatherMaxRows] = {};
-  // d = 4, B-bit codes from a byte: fixed4[B][rows - 1] (null where absent)
-  GatherDotFn fixed4[kFixedMaxCodeBits + 1][kGatherMaxRows] = {};
-  bool vectorised_d4 = false;  // the default path may take d = 4 layers only when they run vectorised
+  // d = 2 and 4 (index d / 4), B-bit codes in rows from a byte: fixed[d / 4][B][rows - 1] (null where absent)
+  GatherDotFn fixed[2][kFixedMaxCodeBits + 1][kGatherMaxRows] = {};
+  bool vectorised[4] = {};  // by dim class: the default paths take the gather kernels only where vectorised
 };
-
-template <template <int, int> class Kernel, int B>
-void fill_gather_rows(GatherDotFn* row_fns) {
-  row_fns[0] = Kernel<B, 1>::fn;
-  row_fns[1] = Kernel<B, 2>::fn;
-  row_fns[2] = Kernel<B, 3>::fn;
-  row_fns[3] = Kernel<B, 4>::fn;
-}
-
-// fns[2] (d = 4, any width) and fixed4[kFixedMinCodeBits ... kFixedMaxCodeBits] from Kernel<B, NR>.
-template <template <int, int> class Kernel, int B = kFixedMinCodeBits>
-void fill_gather_d4(GatherDotTable& table) {
-  if constexpr (B == kFixedMinCodeBits) {
-    fill_gather_rows<Kernel, 0>(table.fns[2]);
-    table.vectorised_d4 = true;
-  }
-  fill_gather_rows<Kernel, B>(table.fixed4[B]);
-  if constexpr (B < kFixedMaxCodeBits) fill_gather_d4<Kernel, B + 1>(table);
-}
 
 template <int D>
 void fill_gather_portable(GatherDotFn* row_fns) {
@@ -979,20 +989,40 @@ GatherDotTable portable_gather_table() {
 }
 
 #ifdef MGVQ_HAVE_X86
-template <int B, int NR>
+template <int D, int B, int NR>
 struct Avx2Gather {
-  static constexpr GatherDotFn fn = gather_dot4_avx2<B, NR>;
+  static constexpr GatherDotFn fn = gather_dot_avx2<D, B, NR>;
 };
-template <int B, int NR>
+template <int D, int B, int NR>
 struct Avx512Gather {
-  static constexpr GatherDotFn fn = gather_dot4_avx512<B, NR>;
+  static constexpr GatherDotFn fn = gather_dot_avx512<D, B, NR>;
 };
 
-// d = 4 runs vectorised; the other vector dimensions keep the portable loops.
-template <template <int, int> class Kernel>
+// Kernel<D, B, NR> for d = D: fns (any width, B = 0) and fixed[D / 4][kFixedMinCodeBits ... kFixedMaxCodeBits].
+template <template <int, int, int> class Kernel, int D, int B = kFixedMinCodeBits>
+void fill_gather(GatherDotTable& table) {
+  GatherDotFn* rows = B == kFixedMinCodeBits ? table.fns[D == 2 ? 1 : 2] : nullptr;
+  if (rows != nullptr) {
+    rows[0] = Kernel<D, 0, 1>::fn;
+    rows[1] = Kernel<D, 0, 2>::fn;
+    rows[2] = Kernel<D, 0, 3>::fn;
+    rows[3] = Kernel<D, 0, 4>::fn;
+    table.vectorised[D == 2 ? 1 : 2] = true;
+  }
+  GatherDotFn* fixed = table.fixed[D / 4][B];
+  fixed[0] = Kernel<D, B, 1>::fn;
+  fixed[1] = Kernel<D, B, 2>::fn;
+  fixed[2] = Kernel<D, B, 3>::fn;
+  fixed[3] = Kernel<D, B, 4>::fn;
+  if constexpr (B < kFixedMaxCodeBits) fill_gather<Kernel, D, B + 1>(table);
+}
+
+// d = 2 and 4 run vectorised; d = 1 and 8 keep the portable loops.
+template <template <int, int, int> class Kernel>
 GatherDotTable vectorised_gather_table() {
   GatherDotTable table = portable_gather_table();
-  fill_gather_d4<Kernel>(table);
+  fill_gather<Kernel, 2>(table);
+  fill_gather<Kernel, 4>(table);
   return table;
 }
 #endif
@@ -1190,12 +1220,20 @@ struct VQGemmKernel {
   }
 
  private:
+  // Groups whose codebooks exceed the register kernels' 64 codewords: inside the register path they take
+  // the gather kernels, or, for 8-bit codes where those are not vectorised (d = 1), tables of 256 per
+  // vector position. (Side by side on SmolLM2's 3-bit layout, whose d = 2 layers mix 4- to 8-bit codes,
+  // the gather kernels took 13-16 ms per decode step where the tables took 16-24 ms.)
+  bool wide(const Group& G) const {
+    return G.code_bits > kRegisterMaxCodeBits && (G.code_bits != kByteCodeBits || gather_vectorised());
+  }
+
   // Index into kRegisterDims, or -1 when the register path cannot take this layout on this CPU.
   int register_dim_class() const {
     const Layout& L = layout_;
     if (L.segments.empty() || loops_.register_dot.fns[0][0][0] == nullptr) return -1;
     for (const Group& G : L.groups)
-      if (G.code_bits > kRegisterMaxCodeBits && G.code_bits != kByteCodeBits) return -1;
+      if (wide(G) && !gather_vectorised()) return -1;
     for (int i = 0; i < 3; ++i)
       if (kRegisterDims[i] == L.d) return i;
     return -1;
@@ -1204,10 +1242,14 @@ struct VQGemmKernel {
   bool use_register(int64_t rows) const {
     if (path_ == Path::kLut || path_ == Path::kDecode || register_dim_class() < 0) return false;
     if (path_ == Path::kRegister) return true;
-    int64_t byte_groups = 0;
-    for (const Group& G : layout_.groups) byte_groups += G.code_bits == kByteCodeBits;
+    int64_t byte_groups = 0, wide_groups = 0;
+    for (const Group& G : layout_.groups) {
+      byte_groups += G.code_bits == kByteCodeBits && !wide(G);
+      wide_groups += wide(G);
+    }
     // Layers of byte codes only are the LUT path's own case.
     if (byte_groups > 0) return byte_groups < (int64_t)layout_.groups.size() && rows <= kByteGroupRowLimit;
+    if (wide_groups > 0) return rows <= kGatherRowLimit;
     // The register path re-unpacks the codes for every 4 activation rows; on the 2-core AMD EPYC
     // (4096 x 4096, d = 2) decoding W once and a register-tiled GEMM wins past ~20 rows at 3 bits and
     // ~48 rows at 2 bits.
@@ -1222,12 +1264,29 @@ struct VQGemmKernel {
     return -1;
   }
 
-  // After the register path: layers with a codebook of more than 64 codewords (8-bit codes excepted).
+  bool gather_vectorised() const {
+    const int dim_class = gather_dim_class();
+    return dim_class >= 0 && loops_.gather.vectorised[dim_class];
+  }
+
+  // Before the register path: layers whose every group has more than 64 codewords (d = 4 at mgvq's 2-bit
+  // widths). Layers that mix such groups with smaller codebooks take the register path.
   bool use_gather(int64_t rows) const {
     if (gather_dim_class() < 0) return false;
     if (path_ == Path::kGather) return true;
-    if (path_ != Path::kAuto) return false;
-    return layout_.d == 4 && loops_.gather.vectorised_d4 && rows <= kGatherRowLimit;
+    if (path_ != Path::kAuto || !gather_vectorised() || rows > kGatherRowLimit) return false;
+    for (const Group& G : layout_.groups)
+      if (G.code_bits <= kRegisterMaxCodeBits) return false;
+    return true;
+  }
+
+  // The gather kernels (by activation rows - 1) for group G's codes of one output row from bit bit0.
+  const GatherDotFn* gather_fns(const Group& G, uint64_t bit0) const {
+    const int64_t d = layout_.d, bits = G.code_bits;
+    if ((d == 2 || d == 4) && bits >= kFixedMinCodeBits && bits <= kFixedMaxCodeBits && (bit0 & 7) == 0 &&
+        loops_.gather.fixed[d / 4][bits][0] != nullptr)
+      return loops_.gather.fixed[d / 4][bits];
+    return loops_.gather.fns[gather_dim_class()];
   }
 
   bool use_lut(int64_t rows) const {
@@ -1312,10 +1371,10 @@ struct VQGemmKernel {
     const uint16_t* cb16 = reinterpret_cast<const uint16_t*>(cb_val.GetTensorRawData());
     const uint8_t* codes = codes_val.GetTensorData<uint8_t>();
     ParallelCtx pc{&api_, context};
-    if (use_register(rows)) {
-      RunRegister(pc, xp.data(), rows, cb16, codes, scales, y);
-    } else if (use_gather(rows)) {
+    if (use_gather(rows)) {
       RunGather(pc, xp.data(), rows, cb16, codes, scales, y);
+    } else if (use_register(rows)) {
+      RunRegister(pc, xp.data(), rows, cb16, codes, scales, y);
     } else if (use_lut(rows)) {
       RunLut(pc, xp.data(), rows, cb16, codes, scales, y);
     } else {
@@ -1349,7 +1408,6 @@ struct VQGemmKernel {
   void RunGather(const ParallelCtx& pc, const float* xp, int64_t rows, const uint16_t* cb16, const uint8_t* codes,
                  const uint16_t* scales, float* y) const {
     const Layout& L = layout_;
-    const GatherDotFn* fns = loops_.gather.fns[gather_dim_class()];
     const std::vector<float> book = CodebooksAsFloat(cb16);
     const std::vector<float> scale_f = ScalesAsFloat(scales);
     const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
@@ -1367,9 +1425,7 @@ struct VQGemmKernel {
             const Group& G = L.groups[S.group];
             const int64_t local = S.vec_begin - G.vec_offset;
             const uint64_t bit0 = (uint64_t)G.code_byte * 8 + (uint64_t)(o * G.nvec + local) * G.code_bits;
-            const GatherDotFn* fixed = L.d == 4 && G.code_bits <= kFixedMaxCodeBits && (bit0 & 7) == 0
-                                           ? loops_.gather.fixed4[G.code_bits] : nullptr;
-            (fixed != nullptr && fixed[0] != nullptr ? fixed : fns)[nr - 1](codes, codes_end, bit0, (int)G.code_bits, S.count, book.data() + G.codebook_row * L.d,
+            gather_fns(G, bit0)[nr - 1](codes, codes_end, bit0, (int)G.code_bits, S.count, book.data() + G.codebook_row * L.d,
                         xp + (size_t)r0 * L.n + G.start + local * L.d, L.n, part);
             const float s = scaled && S.scale_col >= 0 ? scale_f[o * (L.n / L.scale_group) + S.scale_col] : 1.f;
             for (int r = 0; r < nr; ++r) sum[r] += s * part[r];
@@ -1488,6 +1544,8 @@ struct VQGemmKernel {
       bool nibble = false;                 // 4-bit codes in byte-aligned rows: the nibble kernel
       bool tile = false;                   // ... and few activation rows: the tile kernel (16 output rows)
       bool bytes = false;                  // 8-bit codes: per-position tables of 256, at byte_offset
+      bool gather = false;                 // wider codes: the gather kernels, on float32 codebooks
+      static_assert(kRegisterMaxRows <= kGatherMaxRows, "the gather kernels take the register path's row blocks");
       int64_t comp_stride = 0, x_offset = 0, byte_offset = 0;
     };
     std::vector<float> tables(L.groups.size() * d * kRegisterTableStride, 0.f);
@@ -1496,6 +1554,10 @@ struct VQGemmKernel {
     for (size_t g = 0; g < L.groups.size(); ++g) {
       const Group& G = L.groups[g];
       GroupPlan& P = plan[g];
+      if (wide(G)) {
+        P.gather = true;
+        continue;
+      }
       if (G.code_bits == kByteCodeBits) {
         P.bytes = true;
         P.byte_offset = byte_stride;
@@ -1524,7 +1586,7 @@ struct VQGemmKernel {
       for (size_t g = 0; g < L.groups.size(); ++g) {
         const Group& G = L.groups[g];
         const GroupPlan& P = plan[g];
-        if (P.bytes) continue;
+        if (P.bytes || P.gather) continue;
         const float* src = xp + (size_t)r * L.n + G.start;
         float* dst = xs.data() + (size_t)r * row_stride + P.x_offset;
         for (int64_t v = 0; v < G.nvec; ++v) {
@@ -1548,6 +1610,9 @@ struct VQGemmKernel {
     for (size_t g = 0; g < L.groups.size(); ++g)
       if (plan[g].bytes)
         BuildGroupTables(L.groups[g], xp, rows, cb16, byte_lut.data() + plan[g].byte_offset, byte_stride);
+    bool any_gather = false;
+    for (const GroupPlan& P : plan) any_gather |= P.gather;
+    const std::vector<float> book = any_gather ? CodebooksAsFloat(cb16) : std::vector<float>();
     const std::vector<float> scale_f = ScalesAsFloat(scales);
     const bool scaled = !scale_f.empty();  // scale_group_size without scales: nothing to scale
     const uint8_t* codes_end = codes + L.code_nbytes;  // its size was checked in Compute
@@ -1573,6 +1638,15 @@ struct VQGemmKernel {
             const float s = scaled && S.scale_col >= 0 ? scale_f[(o + k) * (L.n / L.scale_group) + S.scale_col] : 1.f;
             sum[(o + k - o0) * nr + r] += s * value;
           };
+          if (P.gather) {
+            for (int64_t o = o0; o < o_end; ++o) {
+              gather_fns(G, bit_of(o))[nr - 1](codes, codes_end, bit_of(o), (int)bd, S.count,
+                                               book.data() + G.codebook_row * d,
+                                               xp + (size_t)r0 * L.n + G.start + local * d, L.n, part);
+              for (int r = 0; r < nr; ++r) add_part(o, 0, part[r], r);
+            }
+            continue;
+          }
           if (P.bytes) {
             for (int64_t o = o0; o < o_end; ++o)
               for (int r = 0; r < nr; ++r) {

@@ -146,6 +146,7 @@ def test_portable_path_equals_vectorised_path(session_for, path):
     (29, 70, 2, [0, 6, 40, 70], [1, 2, 3], 10, (5,)),
     (19, 62, 1, [0, 30, 62], [6, 5], 0, (3, 2)),
     (21, 36, 4, [0, 36], [1], 12, (4,)),
+    (23, 64, 1, [0, 32, 64], [8, 3], 0, (3,)),  # 8-bit codes at d = 1: tables of 256 per position
 ])
 def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bounds, bits, scale_group, batch):
     # A level the CPU lacks falls back to the next one down, so this passes (and checks) on any x86-64.
@@ -169,6 +170,8 @@ def test_register_path_on_every_instruction_set(session_for, isa, m, n, d, bound
     (9, 64, 4, [0, 32, 64], [3.5, 4], 0, (5,)),       # 14- and 16-bit codes
     (40, 64, 4, [0, 16, 64], [1, 2], 16, (4,)),       # 4- and 8-bit codes
     (23, 64, 2, [0, 64], [3.5], 0, (2,)),
+    (26, 96, 2, [0, 32, 96], [3.5, 5], 0, (3,)),       # 7- and 10-bit codes at d = 2, rows from a byte
+    (11, 36, 2, [0, 36], [2.5], 6, (6,)),              # 18 vectors of 5 bits, scale blocks of 3 vectors
     (9, 64, 8, [0, 64], [1.25], 8, (3,)),
 ])
 def test_gather_path_on_every_instruction_set(session_for, isa, m, n, d, bounds, bits, scale_group, batch):
@@ -178,6 +181,27 @@ def test_gather_path_on_every_instruction_set(session_for, isa, m, n, d, bounds,
     x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
     session = session_for(custom_model(weight, batch, TensorProto.FLOAT, bias), path="gather", isa=isa)
     assert rel_err(session.run(None, {"x": x})[0], vqgemm_reference(x, weight, bias)) < 1e-5
+
+
+# Layers that mix codebooks of at most 64 codewords with larger ones (mgvq's 3-bit layout: d = 2, four
+# groups of 4- to 8-bit codes): the register kernels take the small ones, the gather kernels the wide
+# ones, next to the 8-bit groups' tables; up to 8 activation rows (4 with 8-bit codes).
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("m,n,d,bounds,bits,scale_group,batch", [
+    (40, 192, 2, [0, 48, 96, 144, 192], [2, 2.5, 3, 3.5], 0, (1,)),
+    (33, 200, 2, [0, 40, 104, 200], [3.5, 2.5, 6], 8, (5,)),
+    (35, 160, 2, [0, 32, 96, 160], [3, 3.5, 4], 0, (3,)),   # 8-bit codes too
+    (24, 128, 4, [0, 64, 128], [1.5, 2.25], 16, (2,)),
+])
+def test_register_path_with_wide_groups(session_for, isa, m, n, d, bounds, bits, scale_group, batch):
+    rng = np.random.default_rng(m * 5 + n)
+    weight = random_weight(rng, m, n, d, bounds, bits, perm=True, scale_group=scale_group)
+    bias = nonzero_normal(rng, (m,)).astype(np.float32)
+    x = nonzero_normal(rng, (*batch, n)).astype(np.float32)
+    model = custom_model(weight, batch, TensorProto.FLOAT, bias)
+    ref = vqgemm_reference(x, weight, bias)
+    assert rel_err(session_for(model, path="register", isa=isa).run(None, {"x": x})[0], ref) < 1e-5
+    assert rel_err(session_for(model, isa=isa).run(None, {"x": x})[0], ref) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 9, 40])
@@ -315,10 +339,10 @@ def test_scale_group_size_without_scales_scales_nothing(session_for, path):
     assert rel_err(y, vqgemm_reference(x, weight)) < 1e-5
 
 
-@pytest.mark.parametrize("batch", [1, 4, 5])
+@pytest.mark.parametrize("batch", [1, 4, 5, 9])
 def test_mixed_widths_with_8_bit_codes_on_the_default_path(session_for, batch):
     # mgvq's allocation mixes 1- to 4-bit groups at d = 2: the 8-bit codes of the 4-bit groups join the
-    # register path up to 4 activation rows (per-position tables of 256), and the LUT path beyond.
+    # register path up to 8 activation rows (the gather kernels), and the LUT or decode path beyond.
     rng = np.random.default_rng(batch)
     weight = random_weight(rng, 40, 192, 2, [0, 48, 96, 144, 192], [4, 1, 2, 3], perm=True)
     bias = nonzero_normal(rng, (40,)).astype(np.float32)
