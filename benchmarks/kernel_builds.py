@@ -1,7 +1,7 @@
 """The CPU kernel against an earlier build of itself, side by side: a real mgvq compile's linear layers.
 
     python benchmarks/kernel_builds.py --baseline REV [--layouts report.json] [--runs 3] [--threads 2]
-                                       [--quick] [--out-dir benchmarks/results]
+                                       [--quick] [--tag NAME] [--out-dir benchmarks/results]
 
 REV is a git commit whose ``custom_ops/vq_gemm_cpu.cc`` (and ``vq_gemm_op.h``) are compiled into a
 temporary library, or the path of a built library. The current build is the one the runtime finds
@@ -12,7 +12,8 @@ shapes as fp32 MatMul in the same process. These machines are shared and noisy, 
 and the table gives every run. The report is --layouts, else the accuracy benchmark's or the demo's
 SmolLM2 mgvq 2-bit seed-0 compile.
 
-Writes ``kernel_builds.json`` and ``kernel_builds.md`` to --out-dir and prints the table. ``--quick`` (a
+Writes ``kernel_builds.json`` and ``kernel_builds.md`` (``kernel_builds-NAME.*`` with --tag) to --out-dir and
+prints the table. ``--quick`` (a
 smoke run) times each layout a few times only.
 """
 
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=HERE / "work", help="where kernels.py caches its models")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--quick", action="store_true", help="a few timings per layout (a smoke run)")
+    parser.add_argument("--tag", help="suffix of the result files (kernel_builds-TAG.json / .md)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one timing, in this process
     args = parser.parse_args(argv)
     import kernels  # benchmarks/ is on sys.path when this runs as a script
@@ -168,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "builds": summarise(runs), "runs": runs,
     }
     text = markdown_report(record)
-    write_text_atomic(args.out_dir / "kernel_builds.json", json.dumps(record, indent=1) + "\n")
-    write_text_atomic(args.out_dir / "kernel_builds.md", text)
+    stem = f"kernel_builds-{args.tag}" if args.tag else "kernel_builds"
+    write_text_atomic(args.out_dir / f"{stem}.json", json.dumps(record, indent=1) + "\n")
+    write_text_atomic(args.out_dir / f"{stem}.md", text)
     print(text)
     return 0
 

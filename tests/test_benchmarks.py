@@ -384,14 +384,14 @@ def test_kernel_builds_times_two_libraries_side_by_side(ops_library, tmp_path, c
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"layers": layers}))
     assert kernel_builds.main(["--baseline", ops_library, "--layouts", str(report), "--runs", "2", "--quick",
-                               "--threads", "1", "--out-dir", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "kernel_builds.json").read_text())
+                               "--threads", "1", "--tag", "tiny", "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "kernel_builds-tiny.json").read_text())
     assert [len(runs) for runs in record["runs"].values()] == [2, 2]
     assert record["layers"] == 2 and record["wide_code_layers"] == 1
     baseline, current = record["builds"]
     assert baseline["build"] == Path(ops_library).name and current["build"].startswith("current build")
     assert all(ms > 0 for row in record["builds"] for ms in row["vqgemm_ms"] + row["fp32_ms"])
-    text = (tmp_path / "kernel_builds.md").read_text()
+    text = (tmp_path / "kernel_builds-tiny.md").read_text()
     assert f"Speed-up of {current['build']} over {baseline['build']}" in text and text in capsys.readouterr().out
 
 
