@@ -13,8 +13,7 @@ and the table gives every run. The report is --layouts, else the accuracy benchm
 SmolLM2 mgvq 2-bit seed-0 compile.
 
 Writes ``kernel_builds.json`` and ``kernel_builds.md`` (``kernel_builds-NAME.*`` with --tag) to --out-dir and
-prints the table. ``--quick`` (a
-smoke run) times each layout a few times only.
+prints the table. ``--quick`` (a smoke run) times each layout a few times only.
 """
 
 from __future__ import annotations

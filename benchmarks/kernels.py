@@ -228,7 +228,7 @@ def measure_decode(label: str, model: Path, threads: int, settings: Settings) ->
 
 
 # Codes up to this width run on the CPU kernel's register kernels (kRegisterMaxCodeBits in
-# custom_ops/vq_gemm_cpu.cc); wider ones (d = 4) take its gather kernel at batch 1.
+# custom_ops/vq_gemm_cpu.cc); wider ones (d = 2 and 4) take its gather kernels at batch 1.
 REGISTER_MAX_CODE_BITS = 6
 
 

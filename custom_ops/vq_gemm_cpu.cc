@@ -167,9 +167,9 @@ void halves_to_floats_portable(const uint16_t* src, size_t count, float* dst) {
 
 // ------------------------------------------------------------------------------------------------
 // Gather path, for few activation rows and codebooks too large for the register path (d = 4 codes of
-// 7 to 12 bits: what mgvq's fractional widths give at 2 bits). Each output row is dotted with the
-// activations straight from its bit-packed codes: per code one load of its codeword (float32, d
-// floats) and a multiply-add; no table per call, no decoded weight, no unpacked code buffer.
+// 7 to 12 bits at mgvq's 2-bit widths, d = 2 codes of 7 and 8 bits at its 3-bit ones). Each output row
+// is dotted with the activations straight from its bit-packed codes: per code one load of its codeword
+// (float32, d floats) and a multiply-add; no table per call, no decoded weight, no unpacked code buffer.
 //
 // out[r] = sum_{v < count} <codeword code_v, x[r * x_stride + v * D ...]> for r < NR, code_v the
 // `bits`-bit code at bit bit0 + v * bits of `codes`; `end` is one past the last byte that may be read.
@@ -270,17 +270,9 @@ template <int D, int NR>
 void gather_dot_portable(const uint8_t* codes, const uint8_t* end, uint64_t bit0, int bits, int64_t count,
                          const float* book, const float* x, int64_t x_stride, float* out) {
   (void)end;
-  float acc[NR][D] = {};
-  for (int64_t v = 0; v < count; ++v) {
-    const float* w = book + (size_t)code_at(codes, bit0 + (uint64_t)v * bits, bits) * D;
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < D; ++t) acc[r][t] += w[t] * x[r * x_stride + v * D + t];
-  }
-  for (int r = 0; r < NR; ++r) {
-    float s = 0.f;
-    for (int t = 0; t < D; ++t) s += acc[r][t];
-    out[r] = s;
-  }
+  float sum[NR] = {};
+  gather_tail<D, NR>(codes, bit0, bits, 0, count, book, x, x_stride, sum);
+  std::copy(sum, sum + NR, out);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1001,13 +993,14 @@ struct Avx512Gather {
 // Kernel<D, B, NR> for d = D: fns (any width, B = 0) and fixed[D / 4][kFixedMinCodeBits ... kFixedMaxCodeBits].
 template <template <int, int, int> class Kernel, int D, int B = kFixedMinCodeBits>
 void fill_gather(GatherDotTable& table) {
-  GatherDotFn* rows = B == kFixedMinCodeBits ? table.fns[D == 2 ? 1 : 2] : nullptr;
-  if (rows != nullptr) {
+  if constexpr (B == kFixedMinCodeBits) {
+    constexpr int kDimClass = D == 2 ? 1 : 2;  // in kGatherDims
+    GatherDotFn* rows = table.fns[kDimClass];
     rows[0] = Kernel<D, 0, 1>::fn;
     rows[1] = Kernel<D, 0, 2>::fn;
     rows[2] = Kernel<D, 0, 3>::fn;
     rows[3] = Kernel<D, 0, 4>::fn;
-    table.vectorised[D == 2 ? 1 : 2] = true;
+    table.vectorised[kDimClass] = true;
   }
   GatherDotFn* fixed = table.fixed[D / 4][B];
   fixed[0] = Kernel<D, B, 1>::fn;
